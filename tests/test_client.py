@@ -1,0 +1,49 @@
+"""The client update: K=1, one round, one local epoch is plain centralized fine-tuning."""
+
+import torch
+from torch.utils.data import DataLoader
+
+from training import rounds
+from training.client import client_seed
+from training.models import load_model
+from training.study import build
+
+
+def centralized_epoch(cfg, study) -> dict[str, torch.Tensor]:
+    """One epoch of ordinary fine-tuning over the whole training set, written out plainly."""
+    model = load_model(cfg.model, study.task.label_names, cfg.fl.seed)
+    seed = client_seed(cfg.fl.seed, 1, 0)
+    loader = DataLoader(study.encoded["train"], batch_size=cfg.client.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed), collate_fn=study.collate)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.client.lr, weight_decay=0.0)
+    torch.manual_seed(seed)
+    model.train()
+    for batch in loader:
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.state_dict()
+
+
+def test_one_client_one_round_equals_centralized_fine_tuning(tiny):
+    cfg = tiny("fl.num_clients=1", "fl.rounds=1", "client.local_epochs=1", "client.weight_decay=0",
+               "client.max_grad_norm=0")
+    study = build(cfg)
+    before = study.global_state()
+    _, federated = rounds.run(study)
+    reference = centralized_epoch(cfg, study)
+    changed = 0
+    for key, value in reference.items():
+        torch.testing.assert_close(federated[key], value, rtol=0, atol=1e-6)
+        changed += not torch.equal(before[key], value)
+    assert changed > 10  # training really moved the weights
+
+
+def test_client_update_does_not_depend_on_clients_before_it(tiny):
+    cfg = tiny("fl.num_clients=3", "fl.rounds=1")
+    study = build(cfg)
+    start = study.global_state()
+    alone = rounds.InProcess.run_cohort(study, start, [2], 1)
+    after_others = rounds.InProcess.run_cohort(study, start, [0, 1, 2], 1)
+    assert alone.clients[0] == after_others.clients[2]
+    torch.testing.assert_close(alone.sketches[2], after_others.sketches[2], rtol=0, atol=0)

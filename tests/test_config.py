@@ -1,0 +1,62 @@
+"""Config validation: unknown keys, wrong types and out-of-range values are refused with the field named."""
+
+import pytest
+
+from training import config
+from training.config import ConfigError
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("client.lr=0", "client.lr"),
+        ("client.lr=-1e-5", "client.lr"),
+        ("fl.rounds=0", "fl.rounds"),
+        ("fl.num_clients=0", "fl.num_clients"),
+        ("fl.client_fraction=1.5", "fl.client_fraction"),
+        ("client.optimizer=adam", "client.optimizer"),
+        ("partition.scheme=random", "partition.scheme"),
+        ("fl.rounds=three", "fl.rounds"),
+        ("fl.rounds=true", "fl.rounds"),
+        ("client.lrr=1e-4", "client.lrr"),
+        ("optim.lr=1e-4", "optim.lr"),
+    ],
+)
+def test_bad_values_name_the_field(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        config.load(None, [override])
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = config.load(None, ["fl.rounds=5", "client.lr=1e-4", "model.name=tiny-bert", "fl.client_fraction=1"])
+    assert cfg.fl.rounds == 5 and cfg.client.lr == 1e-4 and cfg.model.name == "tiny-bert"
+    assert isinstance(cfg.fl.client_fraction, float)
+    assert cfg.flat()["client.lr"] == 1e-4
+
+
+def test_yaml_file_with_unknown_section_or_key_is_refused(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("fl:\n  rounds: 2\nmodle:\n  name: x\n")
+    with pytest.raises(ConfigError, match="unknown config section 'modle'"):
+        config.load(path)
+    path.write_text("fl:\n  round: 2\n")
+    with pytest.raises(ConfigError, match=r"fl\.round"):
+        config.load(path)
+
+
+def test_dvc_sections_are_ignored_and_file_values_load(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("study:\n  clients: [1, 2]\nfl:\n  rounds: 7\n")
+    assert config.load(path).fl.rounds == 7
+
+
+def test_missing_file_and_malformed_set():
+    with pytest.raises(ConfigError, match="not found"):
+        config.load("/nonexistent/params.yaml")
+    with pytest.raises(ConfigError, match="section.key=value"):
+        config.load(None, ["fl.rounds"])
+
+
+def test_round_trip_through_dict():
+    cfg = config.load(None, ["fl.rounds=2"])
+    assert config.from_dict(cfg.to_dict()) == cfg

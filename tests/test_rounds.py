@@ -1,0 +1,74 @@
+"""The round loop: determinism, cohort sampling, divergence metrics, early stop."""
+
+import pytest
+import torch
+
+from training import divergence, rounds
+from training.study import build
+
+
+def test_same_config_and_seed_give_the_same_weights(tiny):
+    _, first = rounds.run(build(tiny()))
+    _, second = rounds.run(build(tiny()))
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+def test_a_different_seed_gives_different_weights(tiny):
+    _, first = rounds.run(build(tiny("fl.rounds=1")))
+    _, other = rounds.run(build(tiny("fl.rounds=1", "fl.seed=1")))
+    assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+def test_cohort_sampling_is_a_function_of_seed_and_round():
+    a = rounds.sample_cohort(32, 0.25, seed=0, round_=3)
+    assert a == rounds.sample_cohort(32, 0.25, seed=0, round_=3)
+    assert len(a) == 8 and len(set(a)) == 8 and all(0 <= c < 32 for c in a)
+    assert rounds.sample_cohort(32, 0.25, seed=0, round_=4) != a
+    assert rounds.sample_cohort(5, 1.0, seed=0, round_=1) == [0, 1, 2, 3, 4]
+
+
+def test_history_has_every_round_metric(tiny):
+    history, _ = rounds.run(build(tiny("fl.rounds=2", "fl.client_fraction=0.67")))
+    assert [r["round"] for r in history.rounds] == [1, 2]
+    for r in history.rounds:
+        assert r["cohort_size"] == 2
+        for key in ("val_accuracy", "val_macro_f1", "val_loss", "train_loss", "round_seconds", "compute_seconds",
+                    "aggregation_seconds", "upload_bytes_per_client", "download_bytes_per_client",
+                    "update_cosine_mean", "update_norm_mean"):
+            assert key in r, key
+        assert 0 <= r["val_accuracy"] <= 1
+        assert r["upload_bytes_per_client"] > 900_000 * 4  # tiny-bert has ~1M float32 parameters
+
+
+class StopAfter(rounds.Callback):
+    def __init__(self, n):
+        self.n, self.seen = n, []
+
+    def after_round(self, round_, metrics, clients):
+        self.seen.append((round_, len(clients)))
+        return round_ >= self.n
+
+
+def test_a_callback_can_stop_the_run_and_receives_per_client_values(tiny):
+    stop = StopAfter(1)
+    history, _ = rounds.run(build(tiny("fl.rounds=3")), callbacks=(stop,))
+    assert stop.seen == [(1, 3)] and history.stopped_early and len(history.rounds) == 1
+
+
+def test_sketched_cosine_matches_the_exact_cosine(tiny):
+    """The update sketch estimates each client's cosine to the mean update; compare with exact arithmetic."""
+    study = build(tiny("fl.num_clients=3", "fl.rounds=1"))
+    start = study.global_state()
+    exact, sketches, sizes = {}, {}, {}
+    for c in range(3):
+        result = rounds.InProcess.run_cohort(study, start, [c], 1)
+        local = study.model.state_dict()
+        exact[c] = torch.cat([(local[k] - v).flatten().double() for k, v in start.items()])
+        sketches[c], sizes[c] = result.sketches[c], result.num_samples
+    mean = sum(exact[c] * sizes[c] for c in exact) / sum(sizes.values())
+    estimated = divergence.cosines(sketches, sizes)
+    for c in exact:
+        true = float(torch.nn.functional.cosine_similarity(exact[c], mean, dim=0))
+        assert estimated[c] == pytest.approx(true, abs=0.05)
+        assert float(exact[c].norm()) == pytest.approx(rounds.InProcess.run_cohort(study, start, [c], 1).norms[c], rel=1e-4)

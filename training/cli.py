@@ -1,0 +1,96 @@
+"""The ``fedtune`` command line: one subcommand per job; heavy libraries load only when a command runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from training import __version__
+from training.config import ConfigError
+
+DEFAULT_PARAMS = "params.yaml"
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", metavar="PATH", default=None,
+                        help=f"YAML config file (default: {DEFAULT_PARAMS} when present, else built-in defaults)")
+    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                        help="override one config value, e.g. --set fl.rounds=5 --set model.name=bert-base-cased "
+                             "(repeatable)")
+
+
+def load_config(args: argparse.Namespace):
+    from training import config
+
+    path = args.params or (DEFAULT_PARAMS if Path(DEFAULT_PARAMS).is_file() else None)
+    return config.load(path, args.overrides)
+
+
+def write_json(path: str | None, data: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+# train ---------------------------------------------------------------------------------------------------------------
+def add_train(parser: argparse.ArgumentParser) -> None:
+    add_config_options(parser)
+    parser.add_argument("--split", metavar="FILE", help="client split JSON from `fedtune partition` "
+                        "(default: partition the training set by the partition.* config)")
+    parser.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted MLflow run from its last checkpoint "
+                        "(its own config is used; --params/--set are not allowed)")
+    parser.add_argument("--metrics-out", metavar="FILE", help="write final metrics and the run id as JSON (for DVC)")
+    parser.add_argument("--rounds-out", metavar="FILE", help="write per-round metrics as CSV (for dvc plots)")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    if args.resume and (args.overrides or args.params):
+        raise ConfigError("--resume continues a run with the config it was started with; drop --params and --set")
+    from training import config as config_module
+    from training.train import train
+
+    cfg = config_module.Config() if args.resume else load_config(args)
+    split = None
+    if args.split:
+        from training.partition import load_split
+
+        split = load_split(Path(args.split))
+    result = train(cfg, split=split, resume=args.resume, tags={"split.path": str(Path(args.split).resolve())} if args.split else None)
+    write_json(args.metrics_out, result.summary())
+    if args.rounds_out:
+        import pandas as pd
+
+        Path(args.rounds_out).parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(result.history.rounds).to_csv(args.rounds_out, index=False)
+    return 0
+
+
+COMMANDS = {
+    "train": (add_train, run_train, "run a federated fine-tuning study, tracked in MLflow"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedtune",
+        description="Federated fine-tuning (FedAvg) of transformer text classifiers, tracked in MLflow.",
+        epilog="Run `fedtune COMMAND --help` for a command's options. Config: params.yaml, overridable with --set.",
+    )
+    parser.add_argument("--version", action="version", version=f"fedtune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (add, run, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+        add(command)
+        command.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except ConfigError as err:
+        print(f"fedtune: error: {err}", file=sys.stderr)
+        return 2

