@@ -16,6 +16,9 @@ DEFAULT_PARAMS = "params.yaml"
 def add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", metavar="PATH", default=None,
                         help=f"YAML config file (default: {DEFAULT_PARAMS} when present, else built-in defaults)")
+    parser.add_argument("--set-file", metavar="FILE", action="append", default=[],
+                        help="YAML/JSON mapping of section.key: value overrides (e.g. tuned params from `fedtune "
+                             "tune`), applied before --set (repeatable)")
     parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                         help="override one config value, e.g. --set fl.rounds=5 --set model.name=bert-base-cased "
                              "(repeatable)")
@@ -25,7 +28,7 @@ def load_config(args: argparse.Namespace):
     from training import config
 
     path = args.params or (DEFAULT_PARAMS if Path(DEFAULT_PARAMS).is_file() else None)
-    return config.load(path, args.overrides)
+    return config.load(path, [*config.read_override_files(args.set_file), *args.overrides])
 
 
 def write_json(path: str | None, data: dict) -> None:
@@ -46,7 +49,7 @@ def add_train(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    if args.resume and (args.overrides or args.params):
+    if args.resume and (args.overrides or args.params or args.set_file):
         raise ConfigError("--resume continues a run with the config it was started with; drop --params and --set")
     from training import config as config_module
     from training.train import train
@@ -94,3 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"fedtune: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        from training.client import NonFiniteLoss
+
+        if not isinstance(err, NonFiniteLoss):
+            raise
+        print(f"fedtune: error: training stopped: {err}. The MLflow run is marked FAILED with this reason and its "
+              f"checkpoints are kept; lower client.lr or enable client.max_grad_norm.", file=sys.stderr)
+        return 1

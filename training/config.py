@@ -232,6 +232,20 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def read_override_files(paths: list[str]) -> list[str]:
+    """``section.key=value`` items from YAML/JSON files holding a flat ``{"client.lr": 1e-4, ...}`` mapping."""
+    items = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise ConfigError(f"--set-file {path}: file not found")
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"--set-file {path}: expected a mapping of section.key: value")
+        items += [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+                  for k, v in data.items()]
+    return items
+
+
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a params file (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
     data: dict[str, Any] = {}

@@ -58,9 +58,10 @@ def train(
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
     executor=None,
-    out=sys.stdout,
+    out=None,
 ) -> TrainResult:
     """Run (or, with ``resume=RUN_ID``, continue) a federated study and track it in MLflow."""
+    out = out or sys.stdout
     client = tracking.connect()
     start = None
     with tempfile.TemporaryDirectory(prefix="fedtune-") as tmp:
