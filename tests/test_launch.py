@@ -138,9 +138,9 @@ def test_a_server_on_the_hosts_loopback_is_reached_through_the_host_network(uri)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    """Parse as `fedtune` will: launch is a subcommand."""
+    """Parse as `fedtune` does: launch is a subcommand, whose name goes to `command`."""
     parser = argparse.ArgumentParser(prog="fedtune")
-    launch.add_arguments(parser.add_subparsers(dest="subcommand").add_parser("launch"))
+    launch.add_arguments(parser.add_subparsers(dest="command").add_parser("launch"))
     return parser.parse_args(["launch", *argv])
 
 
@@ -148,8 +148,9 @@ def test_arguments_defaults_and_command_after_double_dash(monkeypatch):
     monkeypatch.delenv("FEDTUNE_IMAGE", raising=False)
     args = parse(["--gpus", "0,1", "--per-gpu", "--", "tune", "--set", "fl.num_clients=8"])
     assert (args.image, args.gpus, args.per_gpu, args.workspace) == ("fedtune:latest", "0,1", True, Path("."))
-    assert args.command == ["--", "tune", "--set", "fl.num_clients=8"]
-    assert parse(["train", "--set", "fl.rounds=1"]).command == ["train", "--set", "fl.rounds=1"]
+    assert args.command == "launch"
+    assert args.fedtune_command == ["--", "tune", "--set", "fl.num_clients=8"]
+    assert parse(["train", "--set", "fl.rounds=1"]).fedtune_command == ["train", "--set", "fl.rounds=1"]
 
 
 def test_run_without_a_command_is_refused():
@@ -167,8 +168,9 @@ def test_no_engine_is_a_clear_error(tmp_path, monkeypatch):
 class FakeContainer:
     """Stands in for docker's Container in the parts launch uses: name, logs, wait, remove."""
 
-    def __init__(self, name, chunks, code, interrupt=False):
-        self.name, self.chunks, self.code, self.interrupt, self.removed = name, chunks, code, interrupt, False
+    def __init__(self, chunks=(), code=0, *, interrupt=False, start_error=None):
+        self.name, self.removed = "", False
+        self.chunks, self.code, self.interrupt, self.start_error = chunks, code, interrupt, start_error
 
     def logs(self, stream, follow):
         return iter(self.chunks)
@@ -183,25 +185,33 @@ class FakeContainer:
 
 
 class FakeClient:
-    """Hands out the prepared containers in order from `containers.run(**spec)`."""
+    """`containers.run(**spec)` creates the next prepared container (and, like the engine, keeps it when its start
+    fails); `containers.get(name)` finds it."""
 
     def __init__(self, *containers):
-        self.started, self.waiting = [], list(containers)
+        self.waiting, self.created = list(containers), {}
         self.containers = self
 
     def run(self, **spec):
-        self.started.append(spec)
-        return self.waiting.pop(0)
+        container = self.waiting.pop(0)
+        container.name = spec["name"]
+        self.created[container.name] = container
+        if container.start_error:
+            raise docker.errors.APIError(container.start_error)
+        return container
+
+    def get(self, name):
+        if name not in self.created:
+            raise docker.errors.NotFound(name)
+        return self.created[name]
 
 
 def test_launch_streams_whole_prefixed_lines_and_returns_the_worst_code(capsys):
-    done = FakeContainer("ft-0", [b"round 1 ac", b"c=0.5\nround 2", b" acc=0.6\n"], 0)
-    failed = FakeContainer("ft-1", [b"Traceback\n", b"oom"], 2)
-    client = FakeClient(done, failed)
+    done = FakeContainer([b"round 1 ac", b"c=0.5\nround 2", b" acc=0.6\n"], 0)
+    failed = FakeContainer([b"Traceback\n", b"oom"], 2)
 
-    assert launch.launch(specs(gpus="0,1", per_gpu=True), client) == 2
+    assert launch.launch(specs(gpus="0,1", per_gpu=True), FakeClient(done, failed)) == 2
 
-    assert [spec["name"] for spec in client.started] == ["ft-0", "ft-1"]
     lines = capsys.readouterr().out.splitlines()
     assert [line for line in lines if line.startswith("[ft-0] ")] == ["[ft-0] round 1 acc=0.5",
                                                                        "[ft-0] round 2 acc=0.6"]
@@ -210,15 +220,23 @@ def test_launch_streams_whole_prefixed_lines_and_returns_the_worst_code(capsys):
 
 
 def test_one_container_logs_without_prefix(capsys):
-    assert launch.launch(specs(), FakeClient(FakeContainer("ft-0", [b"ok\n"], 0))) == 0
+    assert launch.launch(specs(), FakeClient(FakeContainer([b"ok\n"], 0))) == 0
     assert capsys.readouterr().out == "ok\n"
 
 
 def test_ctrl_c_still_removes_the_containers():
-    container = FakeContainer("ft-0", [], 0, interrupt=True)
+    container = FakeContainer(interrupt=True)
     with pytest.raises(KeyboardInterrupt):
         launch.launch(specs(), FakeClient(container))
     assert container.removed
+
+
+def test_a_failed_start_removes_every_container_created_so_far():
+    started = FakeContainer()
+    no_gpu = FakeContainer(start_error='could not select device driver "" with capabilities: [[gpu]]')
+    with pytest.raises(LaunchError, match="could not start ft-1: .* use --gpus none"):
+        launch.launch(specs(gpus="0,1", per_gpu=True), FakeClient(started, no_gpu))
+    assert started.removed and no_gpu.removed
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from training import __version__
+from training import __version__, launch
 from training.config import ConfigError
+from training.prepare import add_partition, add_prepare, run_partition, run_prepare
 
 DEFAULT_PARAMS = "params.yaml"
 
@@ -44,6 +45,9 @@ def add_train(parser: argparse.ArgumentParser) -> None:
                         "(default: partition the training set by the partition.* config)")
     parser.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted MLflow run from its last checkpoint "
                         "(its own config is used; --params/--set are not allowed)")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="train each round's clients on N worker processes (torch.distributed; starts torchrun "
+                             "for you); same as `torchrun --nproc-per-node N -m training train ...`")
     parser.add_argument("--metrics-out", metavar="FILE", help="write final metrics and the run id as JSON (for DVC)")
     parser.add_argument("--rounds-out", metavar="FILE", help="write per-round metrics as CSV (for dvc plots)")
 
@@ -51,16 +55,27 @@ def add_train(parser: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     if args.resume and (args.overrides or args.params or args.set_file):
         raise ConfigError("--resume continues a run with the config it was started with; drop --params and --set")
+    if args.workers > 1:
+        return start_workers(args.workers, args.argv)
     from training import config as config_module
+    from training.distributed import Distributed, launched
     from training.train import train
 
     cfg = config_module.Config() if args.resume else load_config(args)
+    executor = Distributed() if launched() else None
     split = None
     if args.split:
         from training.partition import load_split
 
         split = load_split(Path(args.split))
-    result = train(cfg, split=split, resume=args.resume, tags={"split.path": str(Path(args.split).resolve())} if args.split else None)
+    tags = {"split.path": str(Path(args.split).resolve())} if args.split else None
+    try:
+        result = train(cfg, split=split, resume=args.resume, tags=tags, executor=executor)
+    finally:
+        if executor is not None:
+            executor.close()
+    if result is None:  # a torchrun worker other than the main one
+        return 0
     write_json(args.metrics_out, result.summary())
     if args.rounds_out:
         import pandas as pd
@@ -70,8 +85,25 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def start_workers(workers: int, argv: list[str]) -> int:
+    """Re-run this command under torchrun with ``workers`` local processes (one machine)."""
+    import subprocess
+
+    cleaned = []
+    for i, arg in enumerate(argv):  # drop --workers N / --workers=N
+        if arg == "--workers" or arg.startswith("--workers=") or (i and argv[i - 1] == "--workers"):
+            continue
+        cleaned.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}",
+               "-m", "training", *cleaned]
+    return subprocess.call(command)
+
+
 COMMANDS = {
     "train": (add_train, run_train, "run a federated fine-tuning study, tracked in MLflow"),
+    "prepare": (add_prepare, run_prepare, "clean and split one task of the params file into Parquet (DVC stage)"),
+    "partition": (add_partition, run_partition, "split a prepared training set over K clients (DVC stage)"),
+    "launch": (launch.add_arguments, launch.run, "run a fedtune command inside the fedtune image (Docker), on chosen GPUs"),
 }
 
 
@@ -90,18 +122,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum, frame):
+    # torchrun stops the surviving workers with SIGTERM when one fails: unwind so the run is marked FAILED.
+    raise SystemExit(f"stopped by signal {signum} (another worker failed, or the job was cancelled)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.run(args) or 0
-    except ConfigError as err:
+    except (ConfigError, launch.LaunchError) as err:
         print(f"fedtune: error: {err}", file=sys.stderr)
         return 2
-    except Exception as err:
+    except RuntimeError as err:
         from training.client import NonFiniteLoss
+        from training.distributed import WorkerFailure
 
-        if not isinstance(err, NonFiniteLoss):
+        if not isinstance(err, (NonFiniteLoss, WorkerFailure)):
             raise
+        hint = " Lower client.lr or enable client.max_grad_norm." if isinstance(err, NonFiniteLoss) else ""
         print(f"fedtune: error: training stopped: {err}. The MLflow run is marked FAILED with this reason and its "
-              f"checkpoints are kept; lower client.lr or enable client.max_grad_norm.", file=sys.stderr)
+              f"checkpoints are kept.{hint}", file=sys.stderr)
         return 1

@@ -24,6 +24,7 @@ class CohortResult:
     norms: dict[int, float] = field(default_factory=dict)
     compute_seconds: float = 0.0  # client training
     aggregation_seconds: float = 0.0  # summing and sketching
+    extra: dict[str, float] = field(default_factory=dict)  # executor-specific round metrics
 
 
 def run_clients(study, global_state, cohort: list[int], round_: int, progress=None) -> CohortResult:

@@ -35,6 +35,7 @@ class InProcess:
     """The default executor: every client of a round trains in this process."""
 
     is_main = True
+    device = None  # runtime.device decides
     run_cohort = staticmethod(run_clients)
 
     def agree(self, stop: bool) -> bool:
@@ -84,6 +85,7 @@ def _round_metrics(result, global_state, cosine: dict[int, float]) -> tuple[dict
         "update_norm_mean": float(np.mean([c["update_norm"] for c in clients])),
         "update_cosine_mean": float(np.mean([c["update_cosine"] for c in clients])),
         "update_cosine_min": float(np.min([c["update_cosine"] for c in clients])),
+        **result.extra,
     }
     return metrics, clients
 

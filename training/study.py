@@ -46,9 +46,11 @@ class Study:
 
 def pick_device(device: str, precision: str) -> Device:
     """``auto`` uses CUDA when present, with bf16 autocast where the GPU supports it (else fp16)."""
-    if device == "cuda" and not torch.cuda.is_available():
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("runtime.device='cuda' but no CUDA device is visible; use runtime.device=auto or cpu")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else device.replace("auto", "cpu"))
     if precision == "auto":
         precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if dev.type == "cuda" else "fp32"
     if precision == "fp16" and dev.type != "cuda":
@@ -56,11 +58,14 @@ def pick_device(device: str, precision: str) -> Device:
     return Device(dev, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision])
 
 
-def build(config: Config, split: list[np.ndarray] | None = None) -> Study:
-    """Load and check everything before any training starts, so bad input fails in seconds."""
+def build(config: Config, split: list[np.ndarray] | None = None, device: str | None = None) -> Study:
+    """Load and check everything before any training starts, so bad input fails in seconds.
+
+    ``device`` overrides ``runtime.device`` (a torchrun worker's own GPU).
+    """
     if config.runtime.threads:
         torch.set_num_threads(config.runtime.threads)
-    where = pick_device(config.runtime.device, config.runtime.precision)
+    where = pick_device(device or config.runtime.device, config.runtime.precision)
     task = load_task(config.data)
     if split is None:
         split = partition.partition(

@@ -60,15 +60,23 @@ def train(
     executor=None,
     out=None,
 ) -> TrainResult:
-    """Run (or, with ``resume=RUN_ID``, continue) a federated study and track it in MLflow."""
+    """Run (or, with ``resume=RUN_ID``, continue) a federated study and track it in MLflow.
+
+    Under torchrun every worker calls this; only the main one tracks, and the others return None.
+    """
     out = out or sys.stdout
-    client = tracking.connect()
+    executor = executor or rounds.InProcess()
+    # Workers other than the main one touch MLflow only to fetch a checkpoint (the store exists by then).
+    client = tracking.connect() if executor.is_main or resume else None
     start = None
     with tempfile.TemporaryDirectory(prefix="fedtune-") as tmp:
         if resume:
             start, config = _resume_point(client, resume, Path(tmp) / "resume")
             split = split if split is not None else _recorded_split(client, resume)
-        study = build(config, split)
+        study = build(config, split, device=executor.device)
+        if not executor.is_main:
+            rounds.run(study, (), None, start, executor)
+            return None
         run_name, registered = names(config, study)
         run_id = resume or tracking.start_run(client, study, run_name, tracking.run_tags(study, tags), parent_run_id)
         if resume:
