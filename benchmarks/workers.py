@@ -62,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args)
-    passthrough = [a for a in sys.argv[1:] if a not in ("--workers", *map(str, args.workers))]
+    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("workers", "child")]
     env_device = {} if args.device == "cuda" else {"CUDA_VISIBLE_DEVICES": ""}
     results = {}
     for workers in args.workers:

@@ -75,7 +75,8 @@ def load_model(cfg: ModelConfig, label_names: list[str], seed: int) -> PreTraine
         if cfg.name in TINY_PRESETS:
             config = TINY_PRESETS[cfg.name].__class__(**{**TINY_PRESETS[cfg.name].to_dict(), **labels})
             return AutoModelForSequenceClassification.from_config(config)
-        return _from_pretrained(cfg, AutoModelForSequenceClassification.from_pretrained, **labels)
+        # fp32 master weights whatever the checkpoint stores; mixed precision comes from autocast
+        return _from_pretrained(cfg, AutoModelForSequenceClassification.from_pretrained, dtype=torch.float32, **labels)
 
 
 def slug(name: str) -> str:
