@@ -7,7 +7,6 @@ import datasets
 import numpy as np
 import pandas as pd
 import pytest
-from huggingface_hub import constants
 
 from training.config import ConfigError, DataConfig
 from training.data import load_task, read_prepared, write_prepared
@@ -175,7 +174,7 @@ def test_fraction_that_empties_a_split_names_the_field(tmp_path):
 def test_unreachable_hub_fails_fast(monkeypatch):
     # a closed local port stands for a machine without network, whatever this one has
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     start = time.monotonic()
     with pytest.raises(ConfigError, match=r"data\.source: 'stanfordnlp/imdb'.*unreachable"):
         load_task(DataConfig(source="stanfordnlp/imdb"))

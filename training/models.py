@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from training import hub
+from training import sources
 from training.config import ConfigError, ModelConfig
 
 # The tokenizer every tiny preset uses: the offline default's, so presets need no download.
@@ -31,24 +30,12 @@ TINY_PRESETS: dict[str, PretrainedConfig] = {
 }
 
 
-def package_path(spec: str, field: str) -> Path:
-    """``pkg://package/rel/path`` -> the path inside the installed package, found without importing it."""
-    package, _, rel = spec.removeprefix("pkg://").partition("/")
-    found = importlib.util.find_spec(package)
-    if found is None or not found.submodule_search_locations:
-        raise ConfigError(f"{field}={spec!r}: Python package '{package}' is not installed; run `pip install {package}`")
-    path = Path(list(found.submodule_search_locations)[0]) / rel
-    if not path.exists():
-        raise ConfigError(f"{field}={spec!r}: {path} does not exist inside package '{package}'")
-    return path
-
-
 def resolve(name: str) -> str:
     """The string ``from_pretrained`` takes for a model name (a preset resolves to the default tokenizer's dir)."""
     if name in TINY_PRESETS:
-        return str(package_path(DEFAULT_MODEL, "model.name"))
-    if name.startswith("pkg://"):
-        return str(package_path(name, "model.name"))
+        return str(sources.package_path(DEFAULT_MODEL, "model.name")[1])
+    if name.startswith(sources.PKG_PREFIX):
+        return str(sources.package_path(name, "model.name")[1])
     return name
 
 
@@ -56,7 +43,7 @@ def _from_pretrained(cfg: ModelConfig, loader, **kwargs):
     source = resolve(cfg.name)
     if Path(source).is_dir():
         return loader(source, **kwargs)
-    return hub.load("model.name", source, lambda n, **kw: loader(n, revision=cfg.revision, **kw), **kwargs)
+    return sources.from_hub("model.name", source, lambda n, **kw: loader(n, revision=cfg.revision, **kw), **kwargs)
 
 
 def load_tokenizer(cfg: ModelConfig):
