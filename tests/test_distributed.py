@@ -98,3 +98,16 @@ def test_a_killed_worker_fails_the_run_and_resume_with_one_worker_finishes(store
     assert sorted({m.step for m in client.get_metric_history(run_id, "val_accuracy")}) == [1, 2, 3, 4]
     final = load_file(client.download_artifacts(run_id, "checkpoints/round-004/model.safetensors", str(tmp_path)))
     assert all(torch.isfinite(v).all() for v in final.values())
+
+
+def test_two_nodes_meet_at_a_rendezvous_endpoint(store):
+    """Two torchrun launches (one worker each, standing for two machines) form one study over c10d rendezvous."""
+    node = ["--workers", "1", "--nodes", "2", "--rdzv-endpoint", "127.0.0.1:29433", "--rdzv-id", "pytest",
+            *sets(*TINY, "fl.rounds=1", "tracking.log_model=false")]
+    first = subprocess.Popen(fedtune(*node), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second = subprocess.run(fedtune(*node), capture_output=True, text=True, timeout=300)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0 and second.returncode == 0, (err[-2000:], second.stderr[-2000:])
+    assert "worker 0/2" in err + second.stderr and "worker 1/2" in err + second.stderr
+    (run_id,) = re.findall(r"fedtune: run ([0-9a-f]{32})", out + second.stdout)  # only the main worker tracks
+    assert MlflowClient(store).get_run(run_id).data.metrics["workers"] == 2

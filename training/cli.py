@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from training import __version__, launch
+from training import __version__, launch, registry, tune
 from training.config import ConfigError
 from training.prepare import add_partition, add_prepare, run_partition, run_prepare
 
@@ -48,6 +48,11 @@ def add_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, metavar="N",
                         help="train each round's clients on N worker processes (torch.distributed; starts torchrun "
                              "for you); same as `torchrun --nproc-per-node N -m training train ...`")
+    parser.add_argument("--nodes", type=int, default=1, metavar="N",
+                        help="with --workers: machines taking part; run the same command on each (multi-node)")
+    parser.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
+                        help="with --nodes > 1: the rendezvous address every node reaches (e.g. node0:29400)")
+    parser.add_argument("--rdzv-id", default="fedtune", metavar="ID", help="with --nodes > 1: a job id shared by the nodes")
     parser.add_argument("--metrics-out", metavar="FILE", help="write final metrics and the run id as JSON (for DVC)")
     parser.add_argument("--rounds-out", metavar="FILE", help="write per-round metrics as CSV (for dvc plots)")
 
@@ -55,8 +60,8 @@ def add_train(parser: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     if args.resume and (args.overrides or args.params or args.set_file):
         raise ConfigError("--resume continues a run with the config it was started with; drop --params and --set")
-    if args.workers > 1:
-        return start_workers(args.workers, args.argv)
+    if args.workers > 1 or args.nodes > 1:
+        return start_workers(args, args.argv)
     from training import config as config_module
     from training.distributed import Distributed, launched
     from training.train import train
@@ -85,16 +90,21 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def start_workers(workers: int, argv: list[str]) -> int:
-    """Re-run this command under torchrun with ``workers`` local processes (one machine)."""
+def start_workers(args: argparse.Namespace, argv: list[str]) -> int:
+    """Re-run this command under torchrun: ``--workers`` processes here, on each of ``--nodes`` machines."""
     import subprocess
 
-    cleaned = []
-    for i, arg in enumerate(argv):  # drop --workers N / --workers=N
-        if arg == "--workers" or arg.startswith("--workers=") or (i and argv[i - 1] == "--workers"):
-            continue
-        cleaned.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}",
+    launcher = ("--nodes", "--workers", "--rdzv-endpoint", "--rdzv-id")
+    cleaned = [a for i, a in enumerate(argv)
+               if not (a in launcher or a.startswith(tuple(f"{o}=" for o in launcher)) or (i and argv[i - 1] in launcher))]
+    if args.nodes > 1:
+        if not args.rdzv_endpoint:
+            raise ConfigError("--nodes > 1 needs --rdzv-endpoint HOST:PORT, an address every node can reach")
+        where = [f"--nnodes={args.nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv_endpoint}",
+                 f"--rdzv-id={args.rdzv_id}"]
+    else:
+        where = ["--standalone"]
+    command = [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={args.workers}",
                "-m", "training", *cleaned]
     return subprocess.call(command)
 
@@ -104,6 +114,11 @@ COMMANDS = {
     "prepare": (add_prepare, run_prepare, "clean and split one task of the params file into Parquet (DVC stage)"),
     "partition": (add_partition, run_partition, "split a prepared training set over K clients (DVC stage)"),
     "launch": (launch.add_arguments, launch.run, "run a fedtune command inside the fedtune image (Docker), on chosen GPUs"),
+    "tune": (tune.add_arguments, tune.run, "tune client lr and local epochs (Optuna); rerun to resume or add workers"),
+    "evaluate": (registry.add_evaluate, registry.run_evaluate, "evaluate a registered model (or a run's model) on a "
+                 "split of its task, logged to MLflow"),
+    "promote": (registry.add_promote, registry.run_promote, "move an alias (champion) to a model version when its "
+                "evaluation beats the holder's"),
 }
 
 

@@ -100,12 +100,13 @@ class RuntimeConfig:
 
 @dataclass(frozen=True)
 class TuneConfig:
-    trials: int = 8  # trials this worker runs (the study's total grows with every worker)
+    trials: int = 8  # finished (complete or pruned) trials the study should reach, shared by all its workers
     pruner: str = "median"  # median | hyperband | none
     objective: str = "best"  # best | final round's validation accuracy
     storage: str = ""  # Optuna storage URL; empty = JournalStorage file under mlruns/optuna/
     study_name: str = ""  # empty = derived from task, model and K
-    heartbeat_seconds: int = 30
+    heartbeat_seconds: int = 30  # a trial without a heartbeat for twice this long is failed and retried
+    seed: int = 0  # sampler seed, so a one-worker study repeats exactly; 0 = unseeded (right for many workers)
     # search space: "section.key" -> {type: float|int|categorical, low, high, log, choices}
     space: dict = field(
         default_factory=lambda: {
@@ -215,10 +216,34 @@ def validate(c: Config) -> None:
     _require(c.tune.trials >= 1, "tune.trials", "must be >= 1")
     _require(c.tune.pruner in PRUNERS, "tune.pruner", f"must be one of {PRUNERS}")
     _require(c.tune.objective in OBJECTIVES, "tune.objective", f"must be one of {OBJECTIVES}")
+    _require(c.tune.heartbeat_seconds >= 1, "tune.heartbeat_seconds", "must be >= 1")
+    _require(c.tune.seed >= 0, "tune.seed", "must be >= 0 (0 = unseeded)")
     for key, spec in c.tune.space.items():
         _require(key in c.flat(), f"tune.space.{key}", "must name a config key such as client.lr")
         _require(isinstance(spec, dict) and spec.get("type") in ("float", "int", "categorical"),
                  f"tune.space.{key}", "needs type: float | int | categorical")
+        _check_space_entry(f"tune.space.{key}", spec)
+
+
+def _check_space_entry(where: str, spec: dict) -> None:
+    """One search-space entry: a non-empty ``choices`` list, or ``low < high`` (``log`` needs ``low > 0``).
+
+    Float bounds may be strings such as '1e-4', which YAML 1.1 reads as text; the tuner converts them.
+    """
+    kind = spec["type"]
+    allowed = {"type", "choices"} if kind == "categorical" else {"type", "low", "high", "log"}
+    _require(set(spec) <= allowed, where, f"unknown keys {sorted(set(spec) - allowed)}; allowed: {sorted(allowed)}")
+    if kind == "categorical":
+        _require(isinstance(spec.get("choices"), list) and bool(spec["choices"]), where, "needs a non-empty choices list")
+        return
+    low, high = spec.get("low"), spec.get("high")
+    try:
+        bounds = [_check_type(where, v, int if kind == "int" else float) for v in (low, high)]
+    except ConfigError:
+        bounds = None
+    _require(bounds is not None and bounds[0] < bounds[1], where,
+             f"needs {kind} bounds low < high, got low={low!r} high={high!r}")
+    _require(not spec.get("log") or bounds[0] > 0, where, f"log: true needs low > 0, got low={low!r}")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

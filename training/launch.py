@@ -22,7 +22,7 @@ import requests
 # Where the Dockerfile puts the non-root user's Hugging Face cache (its HF_HOME).
 HF_HOME = "/home/fedtune/.cache/huggingface"
 # Passed into the container as they are; everything else in the caller's environment stays outside.
-PASSED_PREFIXES = ("FEDTUNE_", "MLFLOW_", "HF_")
+PASSED_PREFIXES = ("FEDTUNE_", "MLFLOW_", "HF_", "NCCL_", "GLOO_", "TORCH_")  # torch.distributed tuning too
 # Host paths that mean nothing inside: the mounted cache replaces them.
 HOST_PATH_VARIABLES = {"HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_ASSETS_CACHE", "HF_XET_CACHE",
                        "HF_MODULES_CACHE", "HF_TOKEN_PATH"}
@@ -72,7 +72,8 @@ def container_specs(command: list[str], *, image: str, gpus: str, per_gpu: bool,
         "shm_size": SHM_SIZE,
         "detach": True,
     }
-    if any(_is_loopback_url(value) for value in environment.values()):
+    # host network: to reach a tracking server on this machine's loopback, and for multi-node rendezvous
+    if any(_is_loopback_url(value) for value in environment.values()) or "--rdzv-endpoint" in command:
         base["network_mode"] = "host"
     return [
         base | {

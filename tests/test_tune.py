@@ -1,0 +1,222 @@
+"""Optuna studies: a small study prunes, workers share a study (journal file and PostgreSQL), a killed worker's trial
+is failed by the heartbeat and retried, and the study reads back from MLflow as a parent run with nested trials."""
+
+import contextlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from tests.conftest import TINY
+from training import cli, config, optuna_storage, tune
+
+# The tiny study over a space where tiny-bert's accuracy differs between trials, so the median pruner has work.
+SPACE = ("tune.space={client.lr: {type: float, low: 1.0e-5, high: 3.0e-2, log: true}, "
+         "client.local_epochs: {type: int, low: 1, high: 2}}")
+STUDY = [*TINY, "fl.rounds=3", SPACE]
+POSTGRES_SCRIPT = Path(__file__).parents[1] / ".ci" / "postgres.sh"
+
+
+def sets(*items: str) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def fedtune_tune(*args: str) -> list[str]:
+    return [sys.executable, "-m", "training", "tune", *args]
+
+
+def load_study(name: str, url: str = "") -> optuna.Study:
+    storage, _ = optuna_storage.open_storage(config.load(None, [f"tune.storage={url}"]), on_stale=tune.retry_stale)
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def finished(study: optuna.Study) -> list:
+    return study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+
+
+@pytest.fixture(scope="module")
+def small_study(tmp_path_factory):
+    """One seeded six-trial study run through the command line, in its own workspace with its own MLflow store."""
+    where = tmp_path_factory.mktemp("study")
+    uri = f"sqlite:///{where / 'mlruns' / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(where)
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        printed = io.StringIO()
+        started = time.perf_counter()
+        with contextlib.redirect_stdout(printed):
+            code = cli.main(["tune", *sets(*STUDY, "tune.seed=3"), "--trials", "6", "--study-name", "small",
+                             "--best-out", "best/K3.yaml"])
+        seconds = time.perf_counter() - started
+        assert code == 0, printed.getvalue()[-3000:]
+        yield SimpleNamespace(study=load_study("small"), client=MlflowClient(uri), printed=printed.getvalue(),
+                              where=where, seconds=seconds)
+
+
+def test_small_study_completes_with_pruned_trials(small_study):
+    study, printed = small_study.study, small_study.printed
+    trials = study.get_trials()
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert len(finished(study)) == 6 and len(trials) == 6
+    assert pruned, "the median pruner should stop at least one of six trials"
+    assert all(t.user_attrs["rounds_saved"] == 3 - max(t.intermediate_values) for t in pruned)
+
+    best = study.best_trial
+    assert 1e-5 <= best.params["client.lr"] <= 3e-2 and best.params["client.local_epochs"] in (1, 2)
+    assert best.value == max(best.intermediate_values.values())  # tune.objective=best: the best round counts
+    summary = printed.split("\nstudy small:")[1]
+    assert "6 of 6 trials finished" in summary and f"{len(pruned)} pruned" in summary
+    assert f"pruning saved {sum(3 - max(t.intermediate_values) for t in pruned)} of 18 rounds" in summary
+    assert f"optuna-dashboard {small_study.where / 'mlruns' / 'optuna' / 'journal.log'}" in summary
+    print(f"\nsmall study: {len(trials)} trials, {len(pruned)} pruned, best {best.value:.4f} with {best.params}, "
+          f"{small_study.seconds:.1f}s wall")
+
+    # the best params drive a training run through --set-file
+    overrides = config.read_override_files([str(small_study.where / "best" / "K3.yaml")])
+    trained = config.load(None, [*TINY, *overrides])
+    assert trained.client.lr == pytest.approx(best.params["client.lr"])
+    assert trained.client.local_epochs == best.params["client.local_epochs"]
+
+
+def test_rerun_resumes_instead_of_starting_over(small_study, monkeypatch):
+    monkeypatch.chdir(small_study.where)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{small_study.where / 'mlruns' / 'mlflow.db'}")
+    again = tune.tune(config.load(None, [*STUDY, "tune.study_name=small", "tune.trials=6"]), out=io.StringIO())
+    assert again.ran == 0 and again.tally.finished == 6 and len(load_study("small").trials) == 6
+
+
+def test_study_reads_back_from_mlflow(small_study):
+    study, client = small_study.study, small_study.client
+    parent_id = study.user_attrs[tune.PARENT_ATTR]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["optuna.study"] == "small"
+    assert parent.data.params["fl.rounds"] == "3" and "client.lr" not in parent.data.params
+    metrics = parent.data.metrics
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    assert metrics["trials_complete"] + metrics["trials_pruned"] == 6 and metrics["trials_pruned"] == len(pruned)
+    assert metrics["rounds_saved"] == sum(t.user_attrs["rounds_saved"] for t in pruned)
+    assert metrics["best_value"] == study.best_value
+    assert float(parent.data.tags["best.client.lr"]) == pytest.approx(study.best_params["client.lr"])
+    artifacts = {f.path for f in client.list_artifacts(parent_id, "plots")}
+    assert artifacts == {f"plots/{name}.png" for name in ("optimization_history", "intermediate_values",
+                                                            "param_importances")}
+    png = Path(client.download_artifacts(parent_id, "plots/param_importances.png"))
+    assert png.read_bytes().startswith(b"\x89PNG")
+
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    assert len(children) == 6
+    states = {TrialState.COMPLETE: ("complete", "FINISHED"), TrialState.PRUNED: ("pruned", "KILLED")}
+    for child in children:
+        trial = study.trials[int(child.data.tags["optuna.trial"])]
+        assert (child.data.tags["optuna.state"], child.info.status) == states[trial.state]
+        assert float(child.data.params["client.lr"]) == pytest.approx(trial.params["client.lr"])
+        assert child.data.params["client.local_epochs"] == str(trial.params["client.local_epochs"])
+        accuracy = client.get_metric_history(child.info.run_id, "val_accuracy")
+        assert {m.step: m.value for m in accuracy} == trial.intermediate_values
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """``FEDTUNE_TEST_POSTGRES_URL`` (CI sets it), else a server started here by .ci/postgres.sh."""
+    if os.environ.get("FEDTUNE_TEST_POSTGRES_URL"):
+        yield os.environ["FEDTUNE_TEST_POSTGRES_URL"]
+        return
+    started = subprocess.run(["bash", str(POSTGRES_SCRIPT)], check=False, capture_output=True, text=True)
+    if started.returncode != 0:
+        message = f"no PostgreSQL: .ci/postgres.sh failed: {started.stderr[-2000:]}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    yield started.stdout.split()[-1]
+    if "started a server" in started.stderr:  # leave a server that was already running as it was
+        subprocess.run(["bash", str(POSTGRES_SCRIPT), "stop"], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("storage", ["journal", "postgres"])
+def test_two_workers_share_one_study(storage, store, request):
+    url = request.getfixturevalue("postgres_url") if storage == "postgres" else ""
+    name = f"shared-{uuid.uuid4().hex[:8]}"
+    command = fedtune_tune(*sets(*STUDY, "tune.pruner=none"), "--trials", "4", "--study-name", name,
+                           *(["--storage", url] if url else []))
+    with open("worker-0.log", "w") as log_0, open("worker-1.log", "w") as log_1:
+        workers = [subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT) for log in (log_0, log_1)]
+        codes = [worker.wait(timeout=300) for worker in workers]
+    assert codes == [0, 0], Path("worker-0.log").read_text()[-3000:] + Path("worker-1.log").read_text()[-3000:]
+
+    study = load_study(name, url)
+    numbers = [t.number for t in study.trials]
+    assert len(finished(study)) == 4 and len(numbers) == len(set(numbers)) == 4
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 2, "both workers should have run trials"
+    client = MlflowClient(store)
+    parents = client.search_runs([client.get_experiment_by_name("fedtune").experiment_id],
+                                 f"tags.`optuna.study` = '{name}'")
+    assert len(parents) == 1, "workers starting together must agree on one parent run"
+    children = client.search_runs([parents[0].info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    assert sorted(int(c.data.tags["optuna.trial"]) for c in children) == sorted(numbers)
+    if url:
+        optuna.delete_study(study_name=name, storage=url)
+
+
+@pytest.mark.parametrize("storage", ["journal", "postgres"])
+def test_killed_worker_trial_is_failed_by_heartbeat_and_retried(storage, store, request):
+    url = request.getfixturevalue("postgres_url") if storage == "postgres" else ""
+    name = f"killed-{uuid.uuid4().hex[:8]}"
+    # Five unpruned rounds make a trial long enough to kill inside it; a 1 s heartbeat makes it stale after 2 s.
+    overrides = [*STUDY, "fl.rounds=5", "tune.pruner=none", "tune.heartbeat_seconds=1", "tune.trials=2",
+                 f"tune.study_name={name}", f"tune.storage={url}"]
+    worker = subprocess.Popen(fedtune_tune(*sets(*overrides)), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True)
+    try:
+        for line in worker.stdout:
+            if line.startswith("round 1:"):  # trial 0 is inside its run, past its first round
+                break
+        # Into round 2's training: right after the round-1 line the worker writes its report to the journal, and a
+        # kill there would leave the journal's file lock held (Optuna breaks it, but only after 30 s).
+        time.sleep(0.2)
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait()
+    finally:
+        worker.kill()
+    assert worker.returncode == -signal.SIGKILL
+    assert [t.state for t in load_study(name, url).trials] == [TrialState.RUNNING]  # a dead worker cannot say so
+
+    time.sleep(2.5)  # past the grace period, so the next worker finds trial 0 stale
+    rerun = tune.tune(config.load(None, overrides), out=io.StringIO())  # the same command again, in this process
+    assert rerun.ran == 2 and rerun.tally.complete == 2
+
+    trials = load_study(name, url).trials
+    assert trials[0].state == TrialState.FAIL
+    retry = next(t for t in trials if t.system_attrs.get("failed_trial") == 0)
+    assert retry.state == TrialState.COMPLETE and retry.params == trials[0].params
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 2
+
+    client = MlflowClient(store)
+    runs = {r.data.tags["optuna.trial"]: r for r in client.search_runs(
+        [client.get_experiment_by_name("fedtune").experiment_id], "tags.`optuna.trial` != ''")}
+    assert runs["0"].info.status == "FAILED" and runs["0"].data.tags["optuna.state"] == "failed"
+    assert "heartbeat" in runs["0"].data.tags["failure_reason"]
+    assert runs[str(retry.number)].data.tags["optuna.retry_of"] == "0"
+    if url:
+        optuna.delete_study(study_name=name, storage=url)
+
+
+def test_compose_storage_variable_stands_in_for_an_empty_tune_storage(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    monkeypatch.setenv("FEDTUNE_OPTUNA_STORAGE", url)
+    storage, shown = optuna_storage.open_storage(config.load(None, []), on_stale=tune.retry_stale)
+    assert isinstance(storage, optuna.storages.RDBStorage) and shown == url
+    monkeypatch.delenv("FEDTUNE_OPTUNA_STORAGE")
+    storage, shown = optuna_storage.open_storage(config.load(None, []), on_stale=tune.retry_stale)
+    assert shown.endswith("journal.log")

@@ -1,0 +1,386 @@
+"""``fedtune tune``: an Optuna study of the client learning rate and local epochs (or any config field) for one
+(task, model, client count); each trial is one ``train`` run, nested under the study's MLflow parent run.
+
+The study lives in a journal file in the workspace (no server; safe for many processes on one machine) or in any
+Optuna RDB (PostgreSQL for workers on many machines). Running the same command again joins or resumes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from training import optuna_storage
+from training.config import Config
+
+PARENT_ATTR = "mlflow_parent_run_id"  # study user attr: where trials and workers find the parent run
+MAX_RETRY = 2  # a trial whose worker died is rerun at most this often, so a trial that kills its worker cannot loop
+SETTLE_SECONDS = 1.0  # lets runs created by workers starting together commit before the earliest one is chosen
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class Tally:
+    """Where a study stands, counted over all its workers."""
+
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    rounds_saved: int = 0  # rounds the pruned trials did not run
+    best_value: float | None = None
+    best_params: dict = field(default_factory=dict)
+    best_trial: int | None = None
+
+    @property
+    def finished(self) -> int:
+        return self.complete + self.pruned
+
+
+@dataclass
+class TuneResult:
+    study_name: str
+    storage: str  # the storage as shown to people: the journal path, or the URL without its password
+    parent_run_id: str
+    requested: int
+    ran: int  # trials this worker ran
+    seconds: float  # this worker's wall time
+    tally: Tally
+
+
+# command line ---------------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from training.cli import add_config_options
+
+    add_config_options(parser)
+    parser.add_argument("--split", metavar="FILE", help="client split JSON from `fedtune partition` for every trial "
+                        "(default: partition the training set by the partition.* config)")
+    parser.add_argument("--storage", metavar="URL", help="Optuna RDB URL shared by workers on many machines, e.g. "
+                        "postgresql+psycopg://user@host:5432/optuna or sqlite:///optuna.db (default: tune.storage; "
+                        "empty = the journal file mlruns/optuna/journal.log, for workers on this machine)")
+    parser.add_argument("--study-name", metavar="NAME", help="study to launch or join (default: tune.study_name; "
+                        "empty = TASK-MODEL-K<num_clients>)")
+    parser.add_argument("--trials", type=int, metavar="N", help="finished (complete or pruned) trials the study should "
+                        "reach, counted over all its workers and earlier runs: rerunning after a crash runs only the "
+                        "remainder, a higher N extends the study (default: tune.trials)")
+    parser.add_argument("--best-out", metavar="FILE", help="write the best params as a flat YAML mapping "
+                        "(client.lr: ...), for `fedtune train --set-file FILE`")
+
+
+def run(args: argparse.Namespace) -> int:
+    from training.cli import load_config
+
+    flags = {"tune.storage": args.storage, "tune.study_name": args.study_name, "tune.trials": args.trials}
+    config = load_config(args).override(**{k: v for k, v in flags.items() if v is not None})
+    split = None
+    if args.split:
+        from training.partition import load_split
+
+        split = load_split(Path(args.split))
+    result = tune(config, split)
+    print_summary(result, config)
+    if result.tally.best_value is None:
+        print("fedtune: error: no trial completed, so there are no best params", file=sys.stderr)
+        return 1
+    if args.best_out:
+        write_best(Path(args.best_out), result.tally.best_params)
+        print(f"best params written to {args.best_out}; use them with `fedtune train --set-file {args.best_out}`")
+    return 0
+
+
+def write_best(path: Path, params: dict) -> None:
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(params, sort_keys=True))
+
+
+# the study ------------------------------------------------------------------------------------------------------------
+def tune(config: Config, split=None, out=None) -> TuneResult:
+    """Launch, join or resume the study and run trials until it has ``tune.trials`` finished ones."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from training import tracking
+    from training.client import NonFiniteLoss
+
+    out, started = out or sys.stdout, time.perf_counter()
+
+    # 1. open (or join) the study and find its MLflow parent run
+    client = tracking.connect()
+    storage, shown = optuna_storage.open_storage(config, on_stale=retry_stale)
+    study = optuna.create_study(
+        storage=storage, study_name=study_name(config), direction="maximize", load_if_exists=True,
+        # constant_liar: concurrent workers see each other's running trials and spread out instead of piling up
+        sampler=optuna.samplers.TPESampler(seed=config.tune.seed or None, constant_liar=True),
+        pruner=make_pruner(config),
+    )
+    parent = parent_run(client, config, study, shown)
+
+    # 2. run the trials the study still lacks
+    earlier = len(study.trials)
+    remaining = config.tune.trials - tally(study).finished
+    if remaining > 0:
+        client.update_run(parent, status="RUNNING")
+        # Running and queued trials count too, so workers stop together at the total instead of each adding one;
+        # a dead worker's trial must not count as running, so stale trials are failed (and requeued) first.
+        stop = optuna.study.MaxTrialsCallback(
+            config.tune.trials, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING))
+
+        def progress(study, trial):
+            log_tally(client, parent, study, config.tune.trials, trial.number)
+
+        study.optimize(objective(config, split, client, parent, out), n_trials=remaining, catch=(NonFiniteLoss,),
+                       callbacks=[fail_stale, stop, progress])
+    else:
+        print(f"study {study.study_name} already has {config.tune.trials - remaining} finished trials; "
+              f"nothing to run (raise --trials to extend it)", file=out)
+
+    # 3. the study's standing, best params and plots on the parent run
+    result = tally(study)
+    log_tally(client, parent, study, config.tune.trials, len(study.trials))
+    log_plots(client, parent, study, result.complete)
+    if result.finished >= config.tune.trials:
+        tracking.finish(client, parent, ok=True)
+    ran = sum(t.user_attrs.get("worker") == WORKER for t in study.trials[earlier:])
+    return TuneResult(study.study_name, shown, parent, config.tune.trials, ran, time.perf_counter() - started, result)
+
+
+def study_name(config: Config) -> str:
+    if config.tune.study_name:
+        return config.tune.study_name
+    from training.data import load_task
+    from training.models import slug
+
+    return f"{load_task(config.data).name}-{slug(config.model.name)}-K{config.fl.num_clients}"
+
+
+def make_pruner(config: Config):
+    import optuna
+
+    if config.tune.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=config.fl.rounds)
+    if config.tune.pruner == "none":
+        return optuna.pruners.NopPruner()
+    # Two finished trials give the first fair median. No warmup: studies run few rounds (3 by default), and a trial
+    # that is behind after round 1 is where pruning saves the most.
+    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+
+
+def tally(study) -> Tally:
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    count = {state: sum(t.state == state for t in trials) for state in TrialState}
+    result = Tally(count[TrialState.COMPLETE], count[TrialState.PRUNED], count[TrialState.FAIL],
+                   sum(t.user_attrs.get("rounds_saved", 0) for t in trials if t.state == TrialState.PRUNED))
+    if result.complete:
+        best = study.best_trial
+        result.best_value, result.best_params, result.best_trial = best.value, best.params, best.number
+    return result
+
+
+# one trial ------------------------------------------------------------------------------------------------------------
+class Pruning:
+    """The round loop's callback (``training.rounds.Callback``, not imported here to keep torch out of --help):
+    reports each evaluated round's validation accuracy to Optuna and stops the run when the pruner says so."""
+
+    def __init__(self, trial, rounds: int):
+        self.trial, self.rounds, self.pruned = trial, rounds, False
+
+    def after_round(self, round_: int, metrics: dict, clients: list[dict]) -> bool:
+        if "val_accuracy" not in metrics:
+            return False
+        self.trial.report(metrics["val_accuracy"], round_)
+        # Pruning at the last round saves nothing and would hide a finished trial's value.
+        self.pruned = round_ < self.rounds and self.trial.should_prune()
+        return self.pruned
+
+    def after_checkpoint(self, round_: int, path: Path) -> None:
+        pass
+
+
+def suggest(trial, key: str, spec: dict):
+    if spec["type"] == "categorical":
+        return trial.suggest_categorical(key, spec["choices"])
+    number = float if spec["type"] == "float" else int
+    suggest_number = trial.suggest_float if spec["type"] == "float" else trial.suggest_int
+    return suggest_number(key, number(spec["low"]), number(spec["high"]), log=bool(spec.get("log", False)))
+
+
+def objective(config: Config, split, client, parent: str, out):
+    """One trial: sample the space, run ``train`` as a child run with the pruning callback, return its accuracy.
+
+    The objective is the best round's validation accuracy (``tune.objective=best``), the figure the paper reports;
+    the pruner also compares each trial's best value so far, so both measure the same thing.
+    """
+    import optuna
+
+    from training import tracking
+    from training.train import train
+
+    def run_trial(trial) -> float:
+        trial.set_user_attr("worker", WORKER)
+        params = {key: suggest(trial, key, spec) for key, spec in config.tune.space.items()}
+        trial_config = config.override(**params, **{
+            "tracking.run_name": f"{trial.study.study_name}-trial-{trial.number:03d}",
+            "tracking.log_model": False,
+            "tracking.register": False,
+            # a retried trial starts over, never from a checkpoint: keep only the last round's
+            "fl.checkpoint_every": config.fl.rounds,
+        })
+        tags = {"optuna.trial": str(trial.number), "optuna.state": "running", "optuna.worker": WORKER}
+        retry_of = _frozen(trial).system_attrs.get("failed_trial")  # set by RetryHeartbeatStaleTrialCallback
+        if retry_of is not None:
+            tags["optuna.retry_of"] = str(retry_of)
+        pruning = Pruning(trial, config.fl.rounds)
+        try:
+            result = train(trial_config, split, callbacks=(pruning,), parent_run_id=parent, tags=tags, out=out)
+        except Exception as err:  # train has marked its run FAILED; say so in the study's terms too
+            mark_failed(client, parent, trial.number, f"{type(err).__name__}: {err}")
+            raise
+        trial.set_user_attr("mlflow_run_id", result.run_id)
+        if pruning.pruned:
+            rounds_run = len(result.history.rounds)
+            saved = config.fl.rounds - rounds_run
+            trial.set_user_attr("rounds_saved", saved)
+            tracking.log_metrics(client, result.run_id, {"rounds_saved": saved}, rounds_run)
+            client.set_tag(result.run_id, "optuna.state", "pruned")
+            client.set_terminated(result.run_id, "KILLED")  # MLflow has no "pruned" status; the tag says which
+            raise optuna.TrialPruned(f"pruned after round {rounds_run}; {saved} rounds saved")
+        client.set_tag(result.run_id, "optuna.state", "complete")
+        return result.history.best() if config.tune.objective == "best" else result.history.last()
+
+    return run_trial
+
+
+def _frozen(trial):
+    """The stored record of a running trial (the live ``Trial`` does not expose system attrs)."""
+    return next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+
+
+def mark_failed(client, parent: str, number: int, reason: str) -> None:
+    """Tag trial ``number``'s child run failed, and end it when its process could not (a killed worker)."""
+    from training import tracking
+
+    query = f"tags.`mlflow.parentRunId` = '{parent}' AND tags.`optuna.trial` = '{number}'"
+    for run in client.search_runs([client.get_run(parent).info.experiment_id], query):
+        client.set_tag(run.info.run_id, "optuna.state", "failed")
+        if run.info.status == "RUNNING":
+            tracking.finish(client, run.info.run_id, ok=False, reason=reason)
+
+
+def fail_stale(study, trial) -> None:
+    """Optuna's own check for trials whose worker stopped beating (it runs it before each trial, not after)."""
+    from optuna.storages import fail_stale_trials
+
+    with optuna_storage.quiet():
+        fail_stale_trials(study)
+
+
+def retry_stale(study, trial) -> None:
+    """Called (by Optuna, in a live worker) for a trial whose worker stopped beating: rerun it, same params."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    from training import tracking
+
+    with optuna_storage.quiet():
+        RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
+    if PARENT_ATTR in study.user_attrs:
+        mark_failed(tracking.connect(), study.user_attrs[PARENT_ATTR], trial.number,
+                    "worker lost: no heartbeat; the trial is retried with the same params")
+
+
+# MLflow parent run ----------------------------------------------------------------------------------------------------
+def parent_run(client, config: Config, study, storage: str) -> str:
+    """The study's one parent run, found by its tags or else created.
+
+    Workers that start together may each create one; after a moment to let those commit, all keep the earliest
+    and the others delete their own (which has no children yet).
+    """
+    from mlflow.entities import Param
+
+    from training import tracking
+
+    experiment_id = tracking.experiment_id(client, config.tracking.experiment)
+    # the id tells a study from an earlier one of the same name that was deleted (Optuna keeps it private)
+    tags = {"optuna.study": study.study_name, "optuna.storage": storage, "optuna.study_id": str(study._study_id)}
+    query = " AND ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+
+    def earliest():
+        return min(client.search_runs([experiment_id], query), key=lambda r: (r.info.start_time, r.info.run_id),
+                   default=None)
+
+    found = earliest()
+    if found is None:
+        mine = client.create_run(experiment_id, run_name=study.study_name, tags=tags).info.run_id
+        # the params every trial shares; the sampled keys and the per-command total would only mislead here
+        shared = {k: v for k, v in config.flat().items() if k not in config.tune.space and k != "tune.trials"}
+        client.log_batch(mine, params=[Param(k, str(v)[:6000]) for k, v in shared.items()])
+        time.sleep(SETTLE_SECONDS)
+        found = earliest()
+        if found.info.run_id != mine:
+            client.delete_run(mine)
+    study.set_user_attr(PARENT_ATTR, found.info.run_id)
+    return found.info.run_id
+
+
+def log_tally(client, parent: str, study, requested: int, step: int) -> None:
+    """The study's counts, best value and best params on the parent run (best params as tags: params are immutable)."""
+    from mlflow.entities import RunTag
+
+    from training import tracking
+
+    now = tally(study)
+    tracking.log_metrics(client, parent, {
+        "trials_requested": requested, "trials_complete": now.complete, "trials_pruned": now.pruned,
+        "trials_failed": now.failed, "rounds_saved": now.rounds_saved,
+        **({"best_value": now.best_value} if now.best_value is not None else {}),
+    }, step)
+    if now.best_value is not None:
+        best = {f"best.{k}": str(v) for k, v in now.best_params.items()} | {"best.trial": str(now.best_trial)}
+        client.log_batch(parent, tags=[RunTag(k, v) for k, v in best.items()])
+        client.log_dict(parent, now.best_params, "best_params.yaml")
+
+
+def log_plots(client, parent: str, study, complete: int) -> None:
+    """Optuna's optimization-history, intermediate-values and parameter-importance plots as PNG artifacts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as plots
+
+    figures = {"optimization_history": plots.plot_optimization_history,
+               "intermediate_values": plots.plot_intermediate_values}
+    if complete >= 2:  # fANOVA needs two complete trials to compare
+        figures["param_importances"] = plots.plot_param_importances
+    else:
+        client.set_tag(parent, "plots.note", "parameter importances need at least 2 complete trials")
+    for name, plot in figures.items():
+        with optuna_storage.quiet():
+            figure = plot(study).figure
+        figure.tight_layout()
+        client.log_figure(parent, figure, f"plots/{name}.png")
+        plt.close(figure)
+
+
+# summary --------------------------------------------------------------------------------------------------------------
+def print_summary(result: TuneResult, config: Config, out=None) -> None:
+    from training import tracking
+
+    out, t = out or sys.stdout, result.tally
+    print(f"\nstudy {result.study_name}: {t.finished} of {result.requested} trials finished ({t.complete} complete, "
+          f"{t.pruned} pruned), {t.failed} failed; this worker ran {result.ran} in {result.seconds:.1f}s", file=out)
+    if t.best_value is not None:
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.best_params.items())
+        print(f"best trial {t.best_trial}: validation accuracy {t.best_value:.4f} ({config.tune.objective} round), "
+              f"{params}", file=out)
+    print(f"pruning saved {t.rounds_saved} of {t.finished * config.fl.rounds} rounds", file=out)
+    print(f"MLflow parent run {result.parent_run_id} in experiment '{config.tracking.experiment}' at "
+          f"{tracking.tracking_uri()}", file=out)
+    print(f"watch: optuna-dashboard {result.storage}", file=out)
