@@ -15,14 +15,15 @@ from pathlib import Path
 import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from mlflow.exceptions import MlflowException
 
 from training import tracking
 from training.config import ConfigError
 from training.models import slug
 
-# per-round metrics drawn as (line style, legend suffix)
-ACCURACY = {"val_accuracy": ("-", "")}
-DIVERGENCE = {"update_cosine_mean": ("-", " mean"), "update_cosine_min": (":", " min")}
+# per-round metrics and their line styles; the legend names the client counts once, from the first metric
+ACCURACY = {"val_accuracy": "-"}
+DIVERGENCE = {"update_cosine_mean": "-", "update_cosine_min": ":"}
 FINAL = ("val_accuracy", "val_macro_f1", "test_accuracy", "test_macro_f1")  # a run's last logged values
 TABLE = {"task": "task", "model": "model", "scheme": "scheme", "clients": "K", "rounds": "rounds",
          "val_accuracy": "val acc", "val_accuracy_best": "best val acc", "val_macro_f1": "val macro-F1",
@@ -44,7 +45,7 @@ def load_runs(client, ids: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     for run_id in ids:
         try:
             run = client.get_run(run_id)
-        except Exception as err:  # MLflow raises its own exception types for a missing run or store
+        except MlflowException as err:
             raise ConfigError(f"run {run_id} is not in the MLflow store at {tracking.tracking_uri()}; set "
                               "MLFLOW_TRACKING_URI to the store the train stages used, or rerun them") from err
         point = {"run_id": run_id, "task": run.data.tags["task"], "model": slug(run.data.tags["model"]),
@@ -77,10 +78,10 @@ def plot_per_round(rounds: pd.DataFrame, metrics: dict, ylabel: str, path: Path)
     fig, axes = _panels(len(tasks), len(models))
     for (task, model, clients, scheme, metric), curve in rounds[rounds["metric"].isin(metrics)].groupby(
             ["task", "model", "clients", "scheme", "metric"]):
-        style, suffix = metrics[metric]
         ax = axes[tasks.index(task)][models.index(model)]
-        ax.plot(curve["round"], curve["value"], style, marker="o", markersize=3, color=colors[clients],
-                label=_label(f"K={clients}", scheme, schemes) + suffix)
+        label = _label(f"K={clients}", scheme, schemes) if metric == next(iter(metrics)) else None
+        ax.plot(curve["round"], curve["value"], metrics[metric], marker="o", markersize=3, color=colors[clients],
+                label=label)
     for i, task in enumerate(tasks):
         for j, model in enumerate(models):
             ax = axes[i][j]
@@ -160,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     plot_per_round(rounds, ACCURACY, "validation accuracy", args.accuracy_rounds)
     plot_final(runs, args.accuracy_clients)
-    plot_per_round(rounds, DIVERGENCE, "cosine(client update, mean update)", args.divergence)
+    plot_per_round(rounds, DIVERGENCE, "cosine of client update to mean update\n(solid: mean, dotted: min over clients)",
+                   args.divergence)
     table = markdown_table(runs)
     args.table.parent.mkdir(parents=True, exist_ok=True)
     args.table.write_text(table)
