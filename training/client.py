@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Subset
 from transformers import get_scheduler
 
 from training.config import ClientConfig
+from training.features import to_device
 
 
 class NonFiniteLoss(RuntimeError):
@@ -90,7 +91,7 @@ def train_client(
         torch.manual_seed(seed)  # dropout
         for _ in range(cfg.local_epochs):
             for batch in loader:
-                batch = {k: v.to(where.device, non_blocking=True) for k, v in batch.items()}
+                batch = to_device(batch, where.device)
                 with where.autocast():
                     loss = model(**batch).loss
                 if not math.isfinite(loss.item()):

@@ -8,6 +8,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch.utils.data import DataLoader
 
 from training.client import Device
+from training.features import to_device
 
 
 @torch.no_grad()
@@ -17,7 +18,7 @@ def predict(model: torch.nn.Module, dataset, collate, batch_size: int, where: De
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, pin_memory=where.device.type == "cuda")
     predictions, loss_sum = [], 0.0
     for batch in loader:
-        batch = {k: v.to(where.device, non_blocking=True) for k, v in batch.items()}
+        batch = to_device(batch, where.device)
         with where.autocast():
             out = model(**batch)
         loss_sum += float(out.loss) * len(batch["labels"])

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import DataCollatorWithPadding
 
-from training.data import Split, Task
+from training.data import SPLITS, Split, Task
 
 
 class Encoded(Dataset):
@@ -36,7 +36,7 @@ def encode_task(task: Task, tokenizer, max_length: int) -> dict[str, Encoded]:
     """``{"train": Encoded, "validation": ..., "test": ...}``, cached by (task fingerprint, tokenizer, max length)."""
     key = (task.fingerprint, tokenizer.name_or_path, len(tokenizer), max_length)
     if key not in _CACHE:
-        _CACHE[key] = {name: _encode(getattr(task, name), tokenizer, max_length) for name in ("train", "validation", "test")}
+        _CACHE[key] = {name: _encode(getattr(task, name), tokenizer, max_length) for name in SPLITS}
     return _CACHE[key]
 
 

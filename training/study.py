@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ class Study:
     where: Device
     signs: torch.Tensor  # for update sketches (training.divergence)
 
-    @property
+    @functools.cached_property
     def collate(self):
         return collator(self.tokenizer)
 
