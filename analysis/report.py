@@ -26,6 +26,7 @@ ACCURACY = {"val_accuracy": "-"}
 DIVERGENCE = {"update_cosine_mean": "-", "update_cosine_min": ":"}
 FINAL = ("val_accuracy", "val_macro_f1", "test_accuracy", "test_macro_f1")  # a run's last logged values
 TABLE = {"task": "task", "model": "model", "scheme": "scheme", "clients": "K", "rounds": "rounds",
+         "lr": "client lr", "local_epochs": "local epochs",
          "val_accuracy": "val acc", "val_accuracy_best": "best val acc", "val_macro_f1": "val macro-F1",
          "test_accuracy": "test acc", "test_macro_f1": "test macro-F1", "run_id": "MLflow run"}
 
@@ -55,6 +56,8 @@ def load_runs(client, ids: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
                        for m in client.get_metric_history(run_id, metric)]
         accuracy = [r["value"] for r in rounds if r["run_id"] == run_id and r["metric"] == "val_accuracy"]
         runs.append({**point, "rounds": len(accuracy), "val_accuracy_best": max(accuracy, default=math.nan),
+                     "lr": f"{float(run.data.params['client.lr']):.3g}",  # tuned values differ by K (study.tune)
+                     "local_epochs": int(run.data.params["client.local_epochs"]),
                      **{m: run.data.metrics.get(m, math.nan) for m in FINAL}})
     return pd.DataFrame(runs), pd.DataFrame(rounds)
 

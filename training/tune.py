@@ -19,6 +19,7 @@ from training import optuna_storage
 from training.config import Config
 
 PARENT_ATTR = "mlflow_parent_run_id"  # study user attr: where trials and workers find the parent run
+SETUP_ATTR = "setup"  # study user attr: what every trial of the study shares (see ``setup``)
 MAX_RETRY = 2  # a trial whose worker died is rerun at most this often, so a trial that kills its worker cannot loop
 SETTLE_SECONDS = 1.0  # lets runs created by workers starting together commit before the earliest one is chosen
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
@@ -69,13 +70,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "remainder, a higher N extends the study (default: tune.trials)")
     parser.add_argument("--best-out", metavar="FILE", help="write the best params as a flat YAML mapping "
                         "(client.lr: ...), for `fedtune train --set-file FILE`")
+    parser.add_argument("--enabled", choices=("true", "false"), default="true",
+                        help="false: run no study and write an empty --best-out, so `fedtune train --set-file FILE` "
+                             "keeps its config; lets dvc.yaml switch tuning off (study.tune) without changing its "
+                             "graph (default: true)")
 
 
 def run(args: argparse.Namespace) -> int:
     from training.cli import load_config
+    from training.config import ConfigError
 
     flags = {"tune.storage": args.storage, "tune.study_name": args.study_name, "tune.trials": args.trials}
     config = load_config(args).override(**{k: v for k, v in flags.items() if v is not None})
+    if args.enabled == "false":
+        if not args.best_out:
+            raise ConfigError("--enabled false runs no study and only writes --best-out FILE; name that file")
+        write_best(Path(args.best_out), {}, "tuning is off (`fedtune tune --enabled false`, study.tune in "
+                   "params.yaml): no overrides, so `fedtune train --set-file` keeps its config")
+        print(f"tuning is off: wrote {args.best_out} with no overrides; no study was run")
+        return 0
     split = None
     if args.split:
         from training.partition import load_split
@@ -87,16 +100,20 @@ def run(args: argparse.Namespace) -> int:
         print("fedtune: error: no trial completed, so there are no best params", file=sys.stderr)
         return 1
     if args.best_out:
-        write_best(Path(args.best_out), result.tally.best_params)
+        t = result.tally
+        write_best(Path(args.best_out), t.best_params,
+                   f"best params of Optuna study {result.study_name} (trial {t.best_trial}: validation accuracy "
+                   f"{t.best_value:.4f}, {config.tune.objective} round, of {t.finished} finished trials); "
+                   f"from `fedtune tune`, for `fedtune train --set-file`")
         print(f"best params written to {args.best_out}; use them with `fedtune train --set-file {args.best_out}`")
     return 0
 
 
-def write_best(path: Path, params: dict) -> None:
+def write_best(path: Path, params: dict, note: str) -> None:
     import yaml
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(params, sort_keys=True))
+    path.write_text(f"# {note}\n{yaml.safe_dump(params, sort_keys=True)}")
 
 
 # the study ------------------------------------------------------------------------------------------------------------
@@ -110,15 +127,20 @@ def tune(config: Config, split=None, out=None) -> TuneResult:
 
     out, started = out or sys.stdout, time.perf_counter()
 
-    # 1. open (or join) the study and find its MLflow parent run
+    # 1. open (or join) the study, check it measures the same setup, and find its MLflow parent run
+    from training.data import load_task
+
+    task = load_task(config.data)
+    shared = setup(config, task.fingerprint, split)
     client = tracking.connect()
     storage, shown = optuna_storage.open_storage(config, on_stale=retry_stale)
     study = optuna.create_study(
-        storage=storage, study_name=study_name(config), direction="maximize", load_if_exists=True,
+        storage=storage, study_name=study_name(config, task.name, shared), direction="maximize", load_if_exists=True,
         # constant_liar: concurrent workers see each other's running trials and spread out instead of piling up
         sampler=optuna.samplers.TPESampler(seed=config.tune.seed or None, constant_liar=True),
         pruner=make_pruner(config),
     )
+    check_setup(study, shared)
     parent = parent_run(client, config, study, shown)
 
     # 2. run the trials the study still lacks
@@ -150,13 +172,59 @@ def tune(config: Config, split=None, out=None) -> TuneResult:
     return TuneResult(study.study_name, shown, parent, config.tune.trials, ran, time.perf_counter() - started, result)
 
 
-def study_name(config: Config) -> str:
+def setup(config: Config, data_fingerprint: str, split=None) -> dict:
+    """What decides a trial's accuracy besides its sampled values: the data (by content), the clients' split, the
+    model and every client and FL setting outside the search space, the space and the objective. Trials of one study
+    are comparable only if they share it. Runtime (device, precision, threads) and tracking are left out, so workers
+    on different machines can join one study."""
+    import json
+
+    from training import partition
+
+    flat = config.flat()
+    sections = ("model", "client", "fl") if split is not None else ("model", "partition", "client", "fl")
+    shared = {k: v for k, v in flat.items()
+              if k.split(".")[0] in sections and k not in config.tune.space and k != "fl.checkpoint_every"}
+    shared["data.fingerprint"] = data_fingerprint
+    if split is not None:
+        shared["split.fingerprint"] = partition.fingerprint(split)
+    shared["tune.space"], shared["tune.objective"] = config.tune.space, config.tune.objective
+    return json.loads(json.dumps(shared, sort_keys=True))  # as the study stores it
+
+
+def setup_hash(shared: dict) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def study_name(config: Config, task_name: str, shared: dict) -> str:
+    """``tune.study_name``, else TASK-MODEL-K<k>-<setup hash>: rerunning a command joins its study, and a changed
+    setup (data, split, rounds, space...) starts a new one instead of mixing incomparable trials."""
     if config.tune.study_name:
         return config.tune.study_name
-    from training.data import load_task
     from training.models import slug
 
-    return f"{load_task(config.data).name}-{slug(config.model.name)}-K{config.fl.num_clients}"
+    return f"{task_name}-{slug(config.model.name)}-K{config.fl.num_clients}-{setup_hash(shared)}"
+
+
+def check_setup(study, shared: dict) -> None:
+    """Record the setup in a new study; refuse to add trials of another setup to an existing one."""
+    from training.config import ConfigError
+
+    recorded = study.user_attrs.get(SETUP_ATTR)
+    if recorded is None:
+        study.set_user_attr(SETUP_ATTR, shared)
+        return
+    differ = sorted(k for k in recorded.keys() | shared.keys() if recorded.get(k) != shared.get(k))
+    if differ:
+        shown = "; ".join(f"{k}: {recorded.get(k, '(unset)')!r} there, {shared.get(k, '(unset)')!r} here"
+                          for k in differ[:5])
+        raise ConfigError(
+            f"tune.study_name: study {study.study_name!r} holds trials of another setup ({shown}), and trials of "
+            f"different setups are not comparable. Run with the study's setup, pick a new --study-name, or leave "
+            f"tune.study_name empty: the default name carries a hash of the setup, so a new setup gets its own study")
 
 
 def make_pruner(config: Config):
