@@ -128,6 +128,9 @@ def test_tune_switch_trains_each_client_count_with_its_own_study(repo):
         tuned[clients] = yaml.safe_load(best_file.read_text())
         assert set(tuned[clients]) == {"client.lr", "client.local_epochs"}
         studies.add(re.search(r"Optuna study (\S+) ", best_file.read_text()).group(1))
+        summary = yaml.safe_load((repo / "metrics" / "tune" / "toy" / "tiny" / f"iid-K{clients}.json").read_text())
+        assert summary["trials_complete"] + summary["trials_pruned"] == 3 and summary["study"] in studies
+        assert summary["best_params"] == tuned[clients]
         run_id = yaml.safe_load((repo / "metrics" / "train" / "toy" / "tiny" / f"iid-K{clients}.json").read_text())[
             "run_id"]
         run = client.get_run(run_id)
@@ -147,8 +150,32 @@ def test_tune_switch_trains_each_client_count_with_its_own_study(repo):
                    "train@toy-model0-2-iid", "report"}
     for clients in (1, 2):
         assert yaml.safe_load((repo / "tuned" / "toy" / "tiny" / f"iid-K{clients}.yaml").read_text()) == {}
+        assert yaml.safe_load((repo / "metrics" / "tune" / "toy" / "tiny" / f"iid-K{clients}.json").read_text()) == {
+            "tuned": False}
         run_id = yaml.safe_load((repo / "metrics" / "train" / "toy" / "tiny" / f"iid-K{clients}.json").read_text())[
             "run_id"]
         assert float(client.get_run(run_id).data.params["client.lr"]) == pytest.approx(params["client"]["lr"])
     assert len(client.search_runs([client.get_experiment_by_name("pipeline").experiment_id],
                                   "tags.`optuna.trial` != ''")) == 2 * 3, "no study ran while switched off"
+
+
+def test_paper_params_generate_the_paper_grid(tmp_path):
+    """configs/paper.yaml is a complete params file: every stage resolves, every param a stage reads is there."""
+    for name in ("dvc.yaml", ".dvcignore", "configs"):
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, tmp_path / name)
+    shutil.copy(ROOT / "configs" / "paper.yaml", tmp_path / "params.yaml")
+    sh(tmp_path, "dvc", "init", "-q", "--no-scm")
+    stages = sh(tmp_path, "dvc", "stage", "list").split()
+    kinds = [name.split("@")[0] for name in stages if "@" in name or name == "report"]
+    counts = {kind: kinds.count(kind) for kind in set(kinds)}
+    # 4 tasks (one raw), 3 models, 6 client counts, 1 scheme
+    assert counts == {"prepare": 3, "prepare-raw": 1, "partition": 24, "tune": 72, "train": 72, "report": 1}
+    # DVC reports a missing param only when the stage runs: check every key the stages depend on now
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    keys = {key for stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values()
+            for key in stage.get("do", stage).get("params", []) if "${" not in key}
+    for key in keys:
+        node = params
+        for part in key.split("."):
+            assert isinstance(node, dict) and part in node, f"configs/paper.yaml lacks {key}, which dvc.yaml reads"
+            node = node[part]

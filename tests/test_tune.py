@@ -3,6 +3,7 @@ is failed by the heartbeat and retried, and the study reads back from MLflow as 
 
 import contextlib
 import io
+import json
 import os
 import re
 import signal
@@ -58,7 +59,7 @@ def small_study(tmp_path_factory):
         started = time.perf_counter()
         with contextlib.redirect_stdout(printed):
             code = cli.main(["tune", *sets(*STUDY, "tune.seed=3"), "--trials", "6", "--study-name", "small",
-                             "--best-out", "best/K3.yaml"])
+                             "--best-out", "best/K3.yaml", "--summary-out", "best/K3.json"])
         seconds = time.perf_counter() - started
         assert code == 0, printed.getvalue()[-3000:]
         yield SimpleNamespace(study=load_study("small"), client=MlflowClient(uri), printed=printed.getvalue(),
@@ -82,6 +83,11 @@ def test_small_study_completes_with_pruned_trials(small_study):
     assert f"optuna-dashboard {small_study.where / 'mlruns' / 'optuna' / 'journal.log'}" in summary
     print(f"\nsmall study: {len(trials)} trials, {len(pruned)} pruned, best {best.value:.4f} with {best.params}, "
           f"{small_study.seconds:.1f}s wall")
+
+    summary = json.loads((small_study.where / "best" / "K3.json").read_text())
+    assert summary["trials_complete"] == 6 - len(pruned) and summary["trials_pruned"] == len(pruned)
+    assert summary["best_params"] == best.params and summary["best_value"] == best.value
+    assert summary["rounds_saved"] == sum(3 - max(t.intermediate_values) for t in pruned)
 
     # the best params drive a training run through --set-file
     overrides = config.read_override_files([str(small_study.where / "best" / "K3.yaml")])
@@ -134,7 +140,9 @@ def test_default_study_name_follows_the_setup(tmp_path):
 def test_disabled_tuning_writes_empty_overrides_and_runs_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
-    assert cli.main(["tune", *sets(*STUDY), "--enabled", "false", "--best-out", "tuned/K3.yaml"]) == 0
+    assert cli.main(["tune", *sets(*STUDY), "--enabled", "false", "--best-out", "tuned/K3.yaml",
+                     "--summary-out", "summary.json"]) == 0
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"tuned": False}
     assert config.read_override_files([str(tmp_path / "tuned" / "K3.yaml")]) == []
     assert "tuning is off" in (tmp_path / "tuned" / "K3.yaml").read_text()
     assert not (tmp_path / "mlruns").exists(), "no study and no MLflow run when tuning is off"

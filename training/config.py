@@ -104,7 +104,7 @@ class TuneConfig:
     pruner: str = "median"  # median | hyperband | none
     objective: str = "best"  # best | final round's validation accuracy
     storage: str = ""  # Optuna storage URL; empty = JournalStorage file under mlruns/optuna/
-    study_name: str = ""  # empty = derived from task, model and K
+    study_name: str = ""  # empty = derived from task, model, K and a hash of the setup (training.tune.setup)
     heartbeat_seconds: int = 30  # a trial without a heartbeat for twice this long is failed and retried
     seed: int = 0  # sampler seed, so a one-worker study repeats exactly; 0 = unseeded (right for many workers)
     # search space: "section.key" -> {type: float|int|categorical, low, high, log, choices}

@@ -64,12 +64,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "postgresql+psycopg://user@host:5432/optuna or sqlite:///optuna.db (default: tune.storage; "
                         "empty = the journal file mlruns/optuna/journal.log, for workers on this machine)")
     parser.add_argument("--study-name", metavar="NAME", help="study to launch or join (default: tune.study_name; "
-                        "empty = TASK-MODEL-K<num_clients>)")
+                        "empty = TASK-MODEL-K<num_clients>-<hash of the setup>, so a changed setup gets a new study)")
     parser.add_argument("--trials", type=int, metavar="N", help="finished (complete or pruned) trials the study should "
                         "reach, counted over all its workers and earlier runs: rerunning after a crash runs only the "
                         "remainder, a higher N extends the study (default: tune.trials)")
     parser.add_argument("--best-out", metavar="FILE", help="write the best params as a flat YAML mapping "
                         "(client.lr: ...), for `fedtune train --set-file FILE`")
+    parser.add_argument("--summary-out", metavar="FILE", help="write the study's standing as JSON (trials complete, "
+                        "pruned and failed, rounds saved, best value and params, parent run): DVC metrics")
     parser.add_argument("--enabled", choices=("true", "false"), default="true",
                         help="false: run no study and write an empty --best-out, so `fedtune train --set-file FILE` "
                              "keeps its config; lets dvc.yaml switch tuning off (study.tune) without changing its "
@@ -77,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.cli import load_config
+    from training.cli import load_config, write_json
     from training.config import ConfigError
 
     flags = {"tune.storage": args.storage, "tune.study_name": args.study_name, "tune.trials": args.trials}
@@ -87,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--enabled false runs no study and only writes --best-out FILE; name that file")
         write_best(Path(args.best_out), {}, "tuning is off (`fedtune tune --enabled false`, study.tune in "
                    "params.yaml): no overrides, so `fedtune train --set-file` keeps its config")
+        write_json(args.summary_out, {"tuned": False})
         print(f"tuning is off: wrote {args.best_out} with no overrides; no study was run")
         return 0
     split = None
@@ -96,6 +99,12 @@ def run(args: argparse.Namespace) -> int:
         split = load_split(Path(args.split))
     result = tune(config, split)
     print_summary(result, config)
+    t = result.tally
+    write_json(args.summary_out, {
+        "tuned": True, "study": result.study_name, "parent_run_id": result.parent_run_id,
+        "trials_complete": t.complete, "trials_pruned": t.pruned, "trials_failed": t.failed,
+        "rounds_saved": t.rounds_saved, "best_value": t.best_value, "best_trial": t.best_trial,
+        "best_params": t.best_params, "worker_seconds": round(result.seconds, 1)})
     if result.tally.best_value is None:
         print("fedtune: error: no trial completed, so there are no best params", file=sys.stderr)
         return 1
