@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Lints the container files: hadolint on the Dockerfile, and docker-compose's own validation of compose.yaml.
+# Lints the container files: hadolint on the Dockerfiles, and docker-compose's own validation of the stack as users
+# run it (compose.yaml with compose.override.yaml's GPUs), without GPUs, and as CI runs it (compose.ci.yaml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,9 +10,13 @@ if ! command -v docker-compose >/dev/null; then
 fi
 hadolint=$(command -v hadolint || echo .venv/bin/hadolint)
 
-"$hadolint" Dockerfile
-# An empty env file, so that a developer's .env cannot hide a broken default.
-empty_env=$(mktemp)
-trap 'rm -f "$empty_env"' EXIT
-docker-compose --env-file "$empty_env" -f compose.yaml config -q
-echo "lint: Dockerfile and compose.yaml are clean"
+"$hadolint" Dockerfile docker/postgres/Dockerfile
+# Only this env file, so that a developer's .env cannot hide a broken default.
+env_file=$(mktemp)
+trap 'rm -f "$env_file"' EXIT
+docker-compose --env-file "$env_file" config -q
+docker-compose --env-file "$env_file" -f compose.yaml config -q
+echo "CI_MLFLOW_PORT=1 CI_POSTGRES_PORT=2" | tr ' ' '\n' >"$env_file"
+docker-compose --env-file "$env_file" -f compose.yaml -f compose.ci.yaml config -q
+for script in .ci/docker.sh .ci/images.sh docker/debian-base.sh docker/postgres/entrypoint.sh; do bash -n "$script"; done
+echo "lint: Dockerfiles, compose files and container scripts are clean"

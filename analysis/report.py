@@ -1,6 +1,6 @@
 """``python -m analysis.report``: the paper's figures and a results table from the pipeline's tracked runs.
 
-The runs are the ones the train stages wrote metrics files for (``--runs DIR``), read back from MLflow. The figures
+The runs are the ones the train stages wrote run records for (``--runs DIR``), read back from MLflow. The figures
 and the table are also logged as artifacts of a summary run tagged ``fedtune.summary=true``.
 """
 
@@ -35,7 +35,7 @@ def run_ids(folder: Path) -> list[str]:
     """The MLflow run id in each ``fedtune train --metrics-out`` file under ``folder``."""
     files = sorted(Path(folder).rglob("*.json"))
     if not files:
-        raise ConfigError(f"--runs {folder}: no metrics files from `fedtune train --metrics-out`; run the train "
+        raise ConfigError(f"--runs {folder}: no run records from `fedtune train --metrics-out`; run the train "
                           "stages first (dvc repro)")
     return [json.loads(f.read_text())["run_id"] for f in files]
 
@@ -141,7 +141,7 @@ def log_summary(client, experiment: str, ids: list[str], table: str, paths: list
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n")[0])
     parser.add_argument("--runs", metavar="DIR", type=Path, required=True,
-                        help="folder of `fedtune train --metrics-out` files; their run ids pick the runs")
+                        help="folder of `fedtune train --metrics-out` run records; their run ids pick the runs")
     parser.add_argument("--experiment", required=True, help="MLflow experiment for the summary run")
     parser.add_argument("--accuracy-rounds", metavar="PNG", type=Path, required=True,
                         help="validation accuracy per round, a line per client count, a panel per task x model")

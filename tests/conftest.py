@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+
 import pytest
 
 from training import config
@@ -37,3 +40,36 @@ def store(tmp_path, monkeypatch):
     (tmp_path / "mlruns").mkdir()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+def all_runs(uri: str) -> list:
+    """Every run in every experiment of the store (deleted ones too), not only the Default experiment's."""
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return []  # nothing opened the store, so nothing ran (and creating its tables would take seconds)
+    client = MlflowClient(uri)
+    ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    return list(client.search_runs(experiment_ids=ids, run_view_type=ViewType.ALL)) if ids else []
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A loopback port nothing listens on right now (the OS picked it), for a server the test starts."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def save_tiny_model(path, num_labels: int):
+    """A tiny BERT classifier with a ``num_labels`` head, saved as save_pretrained writes it (config.json, weights,
+    tokenizer): a local ``model.name``."""
+    from transformers import AutoTokenizer
+
+    from training.config import ModelConfig
+    from training.models import load_model, resolve
+
+    load_model(ModelConfig(name="tiny-bert"), [f"l{i}" for i in range(num_labels)], seed=0).save_pretrained(path)
+    AutoTokenizer.from_pretrained(resolve("tiny-bert")).save_pretrained(path)
+    return path

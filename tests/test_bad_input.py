@@ -1,55 +1,155 @@
-"""Bad input fails before any training starts, with an error that names the field; a NaN loss fails the run."""
+"""Bad input fails before any training starts (and before torch loads), in one line that names the field and the
+fix, and creates no MLflow run; a NaN loss fails the run."""
 
+import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import TINY
+from tests.conftest import TINY, all_runs
 from training import checkpoint
 from training.cli import main
+from training.config import ConfigError
 
 
-def fedtune_train(*overrides: str) -> list[str]:
-    return ["train", *[a for o in [*TINY, *overrides] for a in ("--set", o)]]
+def sets(*overrides: str) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
 
 
-@pytest.mark.parametrize(
-    "override, expected",
-    [
-        ("model.name=no-such-org/no-such-model", "model.name='no-such-org/no-such-model' could not be loaded"),
-        ("data.source=no-such-org/no-such-dataset", "data.source"),
-        ("data.source=/nonexistent/data.csv", "data.source"),
-        ("data.text_column=body", "data.text_column"),
-        ("data.label_column=stars", "data.label_column"),
-        ("fl.num_clients=500", "fl.num_clients"),
-        ("client.lr=0", "client.lr: must be > 0"),
-        ("client.lr=-0.1", "client.lr: must be > 0"),
-        ("fl.rounds=0", "fl.rounds: must be >= 1"),
-        ("fl.roundz=3", "unknown config key 'fl.roundz'"),
-    ],
-)
-def test_bad_input_is_refused_before_training_with_the_field_named(override, expected, store, capsys):
-    assert main(fedtune_train(override)) == 2
+def fedtune_train(*args: str) -> list[str]:
+    return ["train", *sets(*TINY), *args]
+
+
+RANGE = list(range(240))  # the tiny study's training rows
+# (arguments after the tiny study's, text the error must hold); {tmp} is the test's folder of bad inputs
+CASES = [
+    (sets("model.name=no-such-org/no-such-model"), "model.name='no-such-org/no-such-model' could not be loaded"),
+    (sets("model.name={tmp}/no-config"), "model.name='{tmp}/no-config': the folder {tmp}/no-config has no config.json"),
+    (sets("model.name={tmp}/head-2"), "model.name='{tmp}/head-2' has a classification head for 2 labels but the data "
+                                      "has 3 classes; set model.ignore_mismatched_sizes=true"),
+    (sets("model.max_length=4096"), "model.max_length: 4096 is above the 128 positions of model.name='tiny-bert'; "
+                                    "set model.max_length <= 128"),
+    (sets("data.source=no-such-org/no-such-dataset"), "data.source"),
+    (sets("data.source=/nonexistent/data.csv"), "data.source"),
+    (sets("data.text_column=body"), "data.text_column"),
+    (sets("data.label_column=stars"), "data.label_column"),
+    (sets("data.source={tmp}/one-class.csv", "data.label_column=label"),
+     "data.label_column: column 'label' of '{tmp}/one-class.csv' holds a single class ('pos')"),
+    (sets("fl.num_clients=500"), "fl.num_clients"),
+    (sets("client.lr=0"), "client.lr: must be > 0"),
+    (sets("client.lr=-0.1"), "client.lr: must be > 0"),
+    (sets("fl.rounds=0"), "fl.rounds: must be >= 1"),
+    (sets("fl.roundz=3"), "unknown config key 'fl.roundz'"),
+    (sets("data.seed=-1"), "data.seed: must be >= 0, got -1"),
+    (sets("partition.seed=-2"), "partition.seed: must be >= 0, got -2"),
+    (sets("fl.seed=-3"), "fl.seed: must be >= 0, got -3"),
+    (sets("fl.rounds=[2"), "--set fl.rounds: the value '[2': YAML syntax error at line 1, column 3"),
+    (["--params", "{tmp}/broken.yaml"], "{tmp}/broken.yaml: YAML syntax error at line 3, column 1"),
+    (["--set-file", "{tmp}/broken.yaml"], "--set-file {tmp}/broken.yaml: YAML syntax error at line 3, column 1"),
+    (["--split", "{tmp}/empty-client.json"], "{tmp}/empty-client.json: client 2 holds no rows"),
+    (["--split", "{tmp}/outside.json"], "{tmp}/outside.json: row 240 is not an index into the 240 rows"),
+    (["--split", "{tmp}/twice.json"], "{tmp}/twice.json: row 1 belongs to more than one client"),
+    (["--split", "{tmp}/partial.json"], "{tmp}/partial.json: the clients hold 5 of the 240 training rows"),
+]
+# the cases a Python caller (a tuning trial, a notebook) reaches with a valid config
+INPUT_CASES = [case for case in CASES if case[0][0] == "--set" and case[0][1].startswith(("model.", "data."))
+               and "seed" not in case[0][1]]
+
+
+@pytest.fixture(scope="module")
+def bad_folder(tmp_path_factory):
+    """The bad inputs the cases name, written once for this module."""
+    from tests.conftest import save_tiny_model
+
+    folder = tmp_path_factory.mktemp("bad")
+    (folder / "no-config").mkdir()
+    (folder / "no-config" / "vocab.txt").write_text("[PAD]\n")
+    save_tiny_model(folder / "head-2", num_labels=2)
+    (folder / "one-class.csv").write_text("text,label\n" + "".join(f"text {i},pos\n" for i in range(60)))
+    (folder / "broken.yaml").write_text("fl:\n  rounds: [2\n")
+    for name, clients in {"empty-client": [RANGE[:120], RANGE[120:], []], "outside": [RANGE[:120], RANGE[120:], [240]],
+                          "twice": [[0, 1], [1, 2], RANGE[3:]], "partial": [[0, 1], [2, 3], [4]]}.items():
+        (folder / f"{name}.json").write_text(json.dumps({"meta": {}, "clients": clients}))
+    return folder
+
+
+@pytest.fixture
+def bad(bad_folder, monkeypatch):
+    """``bad(text or list)`` puts the folder of bad inputs into ``{tmp}``; the hub counts as unreachable."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the same answer with or without a network
+
+    def fill(item):
+        return [fill(i) for i in item] if isinstance(item, list) else item.replace("{tmp}", str(bad_folder))
+
+    return fill
+
+
+@pytest.mark.parametrize("args, expected", CASES, ids=[" ".join(c[0][-2:]) for c in CASES])
+def test_bad_input_is_refused_in_one_line_naming_the_field_and_creates_no_run(args, expected, bad, store, capsys):
+    assert main(fedtune_train(*bad(args))) == 2
     err = capsys.readouterr().err
-    assert expected in err, err
-    assert not list(MlflowClient(store).search_runs(experiment_ids=["0"]))
+    assert err.startswith("fedtune: error: ") and err.count("\n") == 1, err
+    assert bad(expected) in err, err
+    assert not all_runs(store)  # in any experiment, fedtune's included
+
+
+def test_train_refuses_bad_input_before_it_creates_a_run(bad, store, tiny):
+    from training.train import train
+
+    for args, expected in INPUT_CASES:  # one store for all: opening a new one takes seconds
+        with pytest.raises(ConfigError) as refused:
+            train(tiny(*bad(args[1::2])))
+        assert bad(expected) in str(refused.value)
+        assert not all_runs(store), args
+
+
+CHECK_ALL = """
+import contextlib, io, json, sys, time
+from training.cli import main
+report = []
+for args in json.loads(sys.argv[1]):
+    err, started = io.StringIO(), time.perf_counter()
+    with contextlib.redirect_stderr(err):
+        code = main(args)
+    report.append({"code": code, "err": err.getvalue(), "seconds": round(time.perf_counter() - started, 2),
+                   "loaded": [m for m in ("torch", "transformers") if m in sys.modules]})
+print(json.dumps(report))
+"""
+
+
+def test_bad_input_is_refused_before_torch_and_transformers_load(bad, store):
+    """Every case in a fresh interpreter: refused with exit code 2, and neither library was ever imported."""
+    commands = [fedtune_train(*bad(args)) for args, _ in CASES]
+    done = subprocess.run([sys.executable, "-c", CHECK_ALL, json.dumps(commands)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for (args, expected), outcome in zip(CASES, json.loads(done.stdout)):
+        assert outcome["code"] == 2 and bad(expected) in outcome["err"], (args, outcome)
+        assert outcome["loaded"] == [], (args, outcome)  # in sys.modules after this case or an earlier one
+    print("seconds per case:", {" ".join(a[-2:]): o["seconds"] for (a, _), o in zip(CASES, json.loads(done.stdout))})
 
 
 def test_a_client_left_without_data_is_refused(store, capsys):
-    assert main(fedtune_train("partition.scheme=dirichlet", "partition.alpha=0.001", "fl.num_clients=60")) == 2
+    assert main(fedtune_train(*sets("partition.scheme=dirichlet", "partition.alpha=0.001", "fl.num_clients=60"))) == 2
     err = capsys.readouterr().err
     assert "partition.alpha" in err and "fl.num_clients" in err, err
 
 
-def test_the_offline_hub_fails_fast(store, capsys):
+def test_the_unreachable_hub_fails_fast_with_or_without_a_network(store, capsys, monkeypatch, free_port):
     import time
 
+    # a closed local port stands for a machine without network, whatever this one has
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port}")
     start = time.perf_counter()
-    assert main(fedtune_train("model.name=bert-base-cased")) == 2
+    assert main(fedtune_train(*sets("model.name=bert-base-cased"))) == 2
     assert time.perf_counter() - start < 20
-    assert "model.name='bert-base-cased'" in capsys.readouterr().err
+    assert "model.name='bert-base-cased' could not be loaded (the Hugging Face Hub is not reachable" in \
+        capsys.readouterr().err
 
 
 class PoisonAfterRound1:

@@ -1,14 +1,19 @@
-"""`fedtune launch`: the container specification (pure), the argument parsing, the missing-engine error, and a real
-run where a Docker engine answers."""
+"""`fedtune launch`: the container specification (pure), the argument parsing, the missing-engine error, and real
+runs of the fedtune image on a Docker engine (exit code, streamed logs, environment, mounts, removal on Ctrl-C)."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import docker
 import pytest
-import requests
+from conftest import TINY
+from docker_engine import IMAGE, connect, image_uid, own
 
 from training import launch
 from training.launch import LaunchError, container_specs
@@ -240,42 +245,65 @@ def test_a_failed_start_removes_every_container_created_so_far():
 
 
 @pytest.fixture(scope="module")
-def engine():
-    try:
-        client = docker.from_env()
-        client.ping()
-    except (docker.errors.DockerException, requests.RequestException) as err:
-        pytest.skip(f"no Docker engine answers ({type(err).__name__}); the end-to-end launch needs one")
-    return client
+def engine() -> docker.DockerClient:
+    return connect()
 
 
-def test_launch_runs_streams_waits_and_removes(engine, tmp_path, capfd):
-    image = "busybox:1.36"
-    try:
-        engine.images.get(image)
-    except docker.errors.ImageNotFound:
-        try:
-            engine.images.pull(image)
-        except docker.errors.APIError as err:
-            pytest.skip(f"cannot pull {image}: {err}")
-    prefix = f"fedtune-test-{tmp_path.name}"
-    script = 'echo "hello from $(pwd)" > out.txt; cat out.txt; exit 3'
-    busybox = container_specs(["sh", "-c", script], image=image, gpus="none", per_gpu=False, workspace=tmp_path,
-                            env={}, hf_cache=None, name_prefix=prefix)
+@pytest.fixture
+def workspace(engine, tmp_path) -> Path:
+    """A workspace owned by the image's user, as the host user's own project directory is."""
+    own(tmp_path, image_uid(engine))
+    return tmp_path
 
-    assert launch.launch(busybox, engine) == 3
 
-    assert (tmp_path / "out.txt").read_text() == f"hello from {tmp_path}\n"
-    assert f"hello from {tmp_path}" in capfd.readouterr().out
+@pytest.mark.container
+def test_launch_runs_streams_waits_and_removes(engine, workspace, capfd):
+    prefix = f"fedtune-test-{workspace.name}"
+    script = 'echo "$FEDTUNE_PROBE from $(pwd)" > out.txt; cat out.txt; echo "secret=${AWS_SECRET_ACCESS_KEY:-unset}"; exit 3'
+    [spec] = container_specs(["-c", script], image=IMAGE, gpus="none", per_gpu=False, workspace=workspace,
+                             env={"FEDTUNE_PROBE": "probe", "AWS_SECRET_ACCESS_KEY": "s"}, hf_cache=None,
+                             name_prefix=prefix)
+
+    # The image's entrypoint is fedtune; a shell shows what the container sees.
+    assert launch.launch([spec | {"entrypoint": ["sh"]}], engine) == 3
+
+    assert (workspace / "out.txt").read_text() == f"probe from {workspace}\n"
+    assert capfd.readouterr().out.splitlines() == [f"probe from {workspace}", "secret=unset"]
     assert engine.containers.list(all=True, filters={"label": f"fedtune.launch={prefix}"}) == []
 
 
-def test_launch_runs_the_fedtune_image(engine, tmp_path, capfd):
-    try:
-        engine.images.get("fedtune:latest")
-    except docker.errors.ImageNotFound:
-        pytest.skip("no fedtune:latest image; build it with `docker build -t fedtune:latest .`")
-    fedtune = container_specs(["--help"], image="fedtune:latest", gpus="none", per_gpu=False, workspace=tmp_path,
-                            env={}, hf_cache=None, name_prefix=f"fedtune-test-{tmp_path.name}")
+@pytest.mark.container
+def test_launch_runs_the_fedtune_image(engine, workspace, capfd):
+    fedtune = container_specs(["--help"], image=IMAGE, gpus="none", per_gpu=False, workspace=workspace,
+                              env={}, hf_cache=None, name_prefix=f"fedtune-test-{workspace.name}")
     assert launch.launch(fedtune, engine) == 0
     assert "usage: fedtune" in capfd.readouterr().out
+
+
+@pytest.mark.container
+def test_ctrl_c_stops_and_removes_a_launched_run(engine, workspace):
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "FEDTUNE_"))}
+    # Enough rounds to be running still when interrupted; the first checkpoint says training is under way.
+    command = ["train", *(arg for item in [*TINY, "fl.rounds=500"] for arg in ("--set", item))]
+    launched = subprocess.Popen(
+        [sys.executable, "-m", "training", "launch", "--gpus", "none", "--image", IMAGE, "--hf-cache", "",
+         "--workspace", str(workspace), "--", *command],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        checkpoints = workspace / "mlruns" / "artifacts"
+        # The log streams through launch: wait for the first round's line rather than polling the disk.
+        seen = []
+        for line in launched.stdout:
+            seen.append(line)
+            if line.startswith("round 1:"):
+                break
+        assert launched.poll() is None, "".join(seen)
+        assert engine.containers.list(filters={"label": "fedtune.launch"}), "no running launched container"
+
+        launched.send_signal(signal.SIGINT)
+        assert launched.wait(timeout=60) == 130, "".join(seen) + launched.stdout.read()
+    finally:
+        launched.kill()
+    assert engine.containers.list(all=True, filters={"label": "fedtune.launch"}) == []
+    assert checkpoints.exists()  # the run wrote into the mounted workspace before it was stopped

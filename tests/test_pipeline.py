@@ -13,6 +13,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's fedtune, python and dvc
+TERMINAL = 120  # columns
 
 
 def tiny_params() -> dict:
@@ -56,12 +57,27 @@ def git(repo: Path, *args: str) -> str:
     return sh(repo, "git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args)
 
 
+def assert_plots_draw_offline(repo: Path, charts: int) -> None:
+    """`dvc plots show` writes a page that loads no script from the network and, in Chromium with networking
+    blocked (where installed), draws each vega chart."""
+    sh(repo, "dvc", "plots", "show")
+    page = repo / "dvc_plots" / "index.html"
+    html = page.read_text()
+    assert not re.findall(r"<script[^>]*\bsrc=", html), "a script the page loads from elsewhere"
+    assert html.count("vegaEmbed(") == charts
+    if shutil.which("chromium"):
+        dom = subprocess.run(["chromium", "--headless", "--disable-gpu", "--no-sandbox", "--proxy-server=127.0.0.1:9",
+                              "--host-resolver-rules=MAP * ~NOTFOUND", "--virtual-time-budget=10000", "--dump-dom",
+                              page.as_uri()], capture_output=True, text=True, timeout=120, check=True).stdout
+        assert dom.count("<canvas") == charts, "vega drew no chart"
+
+
 @pytest.fixture
 def repo(tmp_path):
     """A git repo holding the project's pipeline, code and tiny params, with `dvc init` and a local remote."""
     repo = tmp_path / "study"
     repo.mkdir()
-    for name in ("dvc.yaml", ".dvcignore", "configs"):
+    for name in ("dvc.yaml", ".dvcignore", "configs", "vendor"):
         (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, repo / name)
     for package in ("training", "analysis"):
         shutil.copytree(ROOT / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
@@ -71,6 +87,7 @@ def repo(tmp_path):
     git(repo, "init", "-q")
     sh(repo, "dvc", "init", "-q")
     sh(repo, "dvc", "remote", "add", "-d", "local", str(tmp_path / "remote"))
+    sh(repo, "dvc", "config", "plots.html_template", sh(ROOT, "dvc", "config", "plots.html_template").strip())
     sh(repo, "dvc", "add", "-q", "data/raw/toy")
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "tiny study")
@@ -88,8 +105,17 @@ def test_repro_reruns_only_what_changed_and_pull_restores_the_rest(repo, tmp_pat
     for figure in ("accuracy_per_round", "accuracy_vs_clients", "update_divergence"):
         assert (repo / "reports" / f"{figure}.png").stat().st_size > 0
     assert len((repo / "reports" / "results.md").read_text().splitlines()) == 2 + 2
+    assert_plots_draw_offline(repo, charts=2)  # a round plot per train stage
+    widths = [len(line) for line in sh(repo, "dvc", "metrics", "show").splitlines()]
+    assert len(widths) == 1 + 4 and max(widths) <= TERMINAL, widths  # a row per partition and train stage
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "tiny study results")
+
+    # the metrics are in git: a clone reads and compares them before `dvc pull`, with no DVC remote at all
+    bare = tmp_path / "bare"
+    git(tmp_path, "clone", "-q", str(repo), str(bare))
+    assert sh(bare, "dvc", "metrics", "diff") == ""  # not "DVC failed to load some metrics for ... 'HEAD, workspace'"
+    assert sh(bare, "dvc", "metrics", "show") == sh(repo, "dvc", "metrics", "show")
 
     # a clone gets every output from the remote, so nothing needs to run there
     sh(repo, "dvc", "push")
@@ -157,6 +183,16 @@ def test_tune_switch_trains_each_client_count_with_its_own_study(repo):
         assert float(client.get_run(run_id).data.params["client.lr"]) == pytest.approx(params["client"]["lr"])
     assert len(client.search_runs([client.get_experiment_by_name("pipeline").experiment_id],
                                   "tags.`optuna.trial` != ''")) == 2 * 3, "no study ran while switched off"
+
+
+def test_offline_plot_page_inlines_the_libraries_dvc_render_names():
+    """The page `dvc plots show` fills (.dvc/config) carries the vega, vega-lite and vega-embed versions dvc-render
+    loads from its CDN; after a dvc-render upgrade, vendor/dvc-plots/build.sh rebuilds it."""
+    from dvc_render.vega import VegaRenderer
+
+    wanted = re.findall(r"npm/([\w-]+@[\d.]+)", VegaRenderer.SCRIPTS)
+    page = (ROOT / "vendor" / "dvc-plots" / "index.html").read_text()
+    assert len(wanted) == 3 and all(f"<script>/* {spec}," in page for spec in wanted), wanted
 
 
 def test_paper_params_generate_the_paper_grid(tmp_path):

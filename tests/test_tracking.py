@@ -1,10 +1,18 @@
 """Everything a run logs can be read back from MLflow, and the registered model loads and predicts."""
 
+import subprocess
+import sys
+
 import mlflow
 import pandas as pd
+import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.conftest import TINY
+from training import tracking
+from training.config import ConfigError
 from training.train import train
+from training.workdir import WorkDir
 
 
 def test_run_is_readable_from_mlflow(tiny, store):
@@ -40,3 +48,32 @@ def test_run_is_readable_from_mlflow(tiny, store):
     predictions = model.predict(pd.DataFrame({"text": ["I love this car", "worst idea ever"]}))
     assert len(predictions) == 2
     assert set(predictions["label"]) <= {"negative", "neutral", "positive"}
+
+
+def test_metrics_are_logged_once_per_key_and_step_when_a_round_is_logged_again(store, tmp_path):
+    """What a resumed round does: the same round's values logged by a new process must not add points."""
+    client = MlflowClient(store)
+    run_id = client.create_run(tracking.experiment_id(client, "once")).info.run_id
+    work = WorkDir(store, run_id)
+    tracking.Metrics(client, run_id, work).log("round-001", {"val_accuracy": 0.5, "client_000/samples": 80}, 1)
+    tracking.Metrics(client, run_id, work).log("round-002", {"val_accuracy": 0.6}, 2)
+
+    resumed = tracking.Metrics(client, run_id, work, tracking.logged_points(client, run_id))
+    resumed.log("round-002", {"val_accuracy": 0.6, "train_loss": 1.0}, 2)  # rerun: one key new at this step
+    resumed.log("round-003", {"val_accuracy": 0.7}, 3)
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "val_accuracy")] == [(1, .5), (2, .6), (3, .7)]
+    assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [2]
+    assert [m.step for m in client.get_metric_history(run_id, "client_000/samples")] == [1]
+    assert not list(work.pending.glob("*.json"))  # nothing held back once the server has it
+
+
+def test_an_invalid_alias_is_refused_before_anything_runs(tiny, store):
+    for alias in ("my alias", "latest", "v2", "x/y"):
+        with pytest.raises(ConfigError, match="tracking.alias"):
+            tiny(f"tracking.alias={alias}")
+    sets = [a for item in TINY for a in ("--set", item)]
+    result = subprocess.run([sys.executable, "-m", "training", "train", *sets, "--set", "tracking.alias=best model"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "tracking.alias" in result.stderr and "Traceback" not in result.stderr
+    client = MlflowClient(store)
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])

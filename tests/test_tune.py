@@ -6,9 +6,12 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -45,6 +48,17 @@ def load_study(name: str, url: str = "") -> optuna.Study:
 
 def finished(study: optuna.Study) -> list:
     return study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+
+
+def wait_for(condition, study: optuna.Study, *workers: subprocess.Popen, timeout: float = 240) -> None:
+    """Until ``condition(study's trials)`` holds: synchronises a test with the study's state, not with the clock.
+    Fails at once when a worker exits first (its condition can no longer come)."""
+    deadline = time.monotonic() + timeout
+    while not condition(study.get_trials(deepcopy=False)):
+        exited = [w.args for w in workers if w.poll() is not None]
+        assert not exited, f"a worker exited before the study got there: {exited}"
+        assert time.monotonic() < deadline, f"the study did not get there in {timeout} s"
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -181,21 +195,52 @@ def test_study_reads_back_from_mlflow(small_study):
         assert {m.step: m.value for m in accuracy} == trial.intermediate_values
 
 
+class PostgresServer:
+    """A throwaway PostgreSQL (.ci/postgres.sh) on a free loopback port with its own data folder, so a test may stop
+    and start it without disturbing any other server."""
+
+    def __init__(self, root: Path):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.env = {**os.environ, "PG_PORT": str(port), "PG_ROOT": str(root)}
+        self.url = self.start()
+
+    def start(self) -> str:
+        started = subprocess.run(["bash", str(POSTGRES_SCRIPT)], env=self.env, capture_output=True, text=True)
+        if started.returncode != 0:
+            raise RuntimeError(f"no PostgreSQL: .ci/postgres.sh failed: {started.stderr[-2000:]}")
+        return started.stdout.split()[-1]
+
+    def stop(self) -> None:
+        subprocess.run(["bash", str(POSTGRES_SCRIPT), "stop"], env=self.env, check=True, capture_output=True)
+
+
+@contextlib.contextmanager
+def postgres_server():
+    """A ``PostgresServer`` for the duration; outside CI the test is skipped, with the reason, when none can start."""
+    root = Path(tempfile.mkdtemp(prefix="fedtune-postgres-"))  # not under pytest's tmp: the postgres user needs it
+    try:
+        try:
+            server = PostgresServer(root)
+        except RuntimeError as err:
+            if os.environ.get("CI") == "true":
+                pytest.fail(str(err))
+            pytest.skip(str(err))
+        yield server
+        server.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def postgres_url():
-    """``FEDTUNE_TEST_POSTGRES_URL`` (CI sets it), else a server started here by .ci/postgres.sh."""
+    """``FEDTUNE_TEST_POSTGRES_URL`` (CI sets it), else a server of this session's own."""
     if os.environ.get("FEDTUNE_TEST_POSTGRES_URL"):
         yield os.environ["FEDTUNE_TEST_POSTGRES_URL"]
         return
-    started = subprocess.run(["bash", str(POSTGRES_SCRIPT)], check=False, capture_output=True, text=True)
-    if started.returncode != 0:
-        message = f"no PostgreSQL: .ci/postgres.sh failed: {started.stderr[-2000:]}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    yield started.stdout.split()[-1]
-    if "started a server" in started.stderr:  # leave a server that was already running as it was
-        subprocess.run(["bash", str(POSTGRES_SCRIPT), "stop"], check=True, capture_output=True)
+    with postgres_server() as server:
+        yield server.url
 
 
 @pytest.mark.parametrize("storage", ["journal", "postgres"])
@@ -231,15 +276,11 @@ def test_killed_worker_trial_is_failed_by_heartbeat_and_retried(storage, store, 
     # Five unpruned rounds make a trial long enough to kill inside it; a 1 s heartbeat makes it stale after 2 s.
     overrides = [*STUDY, "fl.rounds=5", "tune.pruner=none", "tune.heartbeat_seconds=1", "tune.trials=2",
                  f"tune.study_name={name}", f"tune.storage={url}"]
-    worker = subprocess.Popen(fedtune_tune(*sets(*overrides)), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                              text=True)
+    worker = subprocess.Popen(fedtune_tune(*sets(*overrides)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for line in worker.stdout:
-            if line.startswith("round 1:"):  # trial 0 is inside its run, past its first round
-                break
-        # Into round 2's training: right after the round-1 line the worker writes its report to the journal, and a
-        # kill there would leave the journal's file lock held (Optuna breaks it, but only after 30 s).
-        time.sleep(0.2)
+        # Trial 0 inside its run, past its first round: its report is in the study, so the write that put it there
+        # (which holds the journal's file lock) is over and a kill cannot leave the lock held.
+        wait_for(lambda trials: any(1 in t.intermediate_values for t in trials), load_study(name, url), worker)
         os.kill(worker.pid, signal.SIGKILL)
         worker.wait()
     finally:
@@ -247,8 +288,9 @@ def test_killed_worker_trial_is_failed_by_heartbeat_and_retried(storage, store, 
     assert worker.returncode == -signal.SIGKILL
     assert [t.state for t in load_study(name, url).trials] == [TrialState.RUNNING]  # a dead worker cannot say so
 
-    time.sleep(2.5)  # past the grace period, so the next worker finds trial 0 stale
-    rerun = tune.tune(config.load(None, overrides), out=io.StringIO())  # the same command again, in this process
+    # The same command again, in this process, at once: it runs trial 1, then waits until trial 0 has gone without
+    # a heartbeat for the grace period, fails it and reruns it.
+    rerun = tune.tune(config.load(None, overrides), out=io.StringIO())
     assert rerun.ran == 2 and rerun.tally.complete == 2
 
     trials = load_study(name, url).trials
@@ -275,3 +317,36 @@ def test_compose_storage_variable_stands_in_for_an_empty_tune_storage(tmp_path, 
     monkeypatch.delenv("FEDTUNE_OPTUNA_STORAGE")
     storage, shown = optuna_storage.open_storage(config.load(None, []), on_stale=tune.retry_stale)
     assert shown.endswith("journal.log")
+
+
+def doc_snippet() -> str:
+    """The first Python block of docs/tuning.md's "Reading a study from Python", as written there."""
+    section = (Path(__file__).parents[1] / "docs" / "tuning.md").read_text().split("## Reading a study from Python")[1]
+    return section.split("```python\n")[1].split("```")[0]
+
+
+def run_snippet(code: str, where: Path) -> str:
+    ran = subprocess.run([sys.executable, "-c", code], cwd=where, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    return ran.stdout
+
+
+def test_doc_snippet_reads_the_journal_study(small_study):
+    printed = run_snippet(doc_snippet(), small_study.where)
+    study = small_study.study
+    assert f"small: 6 trials, best value {study.best_value}" in printed
+    assert f"best params: {study.best_params}" in printed
+    rows = [line for line in printed.splitlines() if re.match(r"\s*\d+\s+\d+\s+(COMPLETE|PRUNED)\s", line)]
+    assert len(rows) == 6 and all(t.user_attrs["mlflow_run_id"] in printed for t in study.trials)
+
+
+def test_doc_snippet_reads_a_postgres_study(postgres_url, tmp_path):
+    name = f"read-{uuid.uuid4().hex[:8]}"
+    written = optuna.create_study(study_name=name, storage=postgres_url, direction="maximize")
+    written.optimize(lambda trial: trial.suggest_float("client.lr", 1e-6, 1e-3, log=True), n_trials=3)
+    on_postgres = re.sub(r"^storage = .*$", f'storage = "{postgres_url}"', doc_snippet(), count=1, flags=re.M)
+    assert on_postgres != doc_snippet()
+    printed = run_snippet(on_postgres, tmp_path)
+    assert f"{name}: 3 trials, best value {written.best_value}" in printed
+    assert f"best params: {written.best_params}" in printed  # the newest study is listed last, so it is loaded
+    optuna.delete_study(study_name=name, storage=postgres_url)

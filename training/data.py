@@ -58,6 +58,10 @@ def load_task(cfg: DataConfig) -> Task:
         raise ConfigError(f"data.source: {cfg.source!r} has no rows with both a non-blank text and a label; "
                           "check data.text_column and data.label_column")
     label_names, frames = _encode_labels(frames)
+    if len(label_names) < 2:  # one class would build a 1-output regression head that scores accuracy 1.0
+        raise ConfigError(f"data.label_column: column {cfg.label_column!r} of {cfg.source!r} holds a single class "
+                          f"({label_names[0]!r}); a classifier needs at least 2, so pick another data.label_column "
+                          "or a source with more classes")
     frames = _fill_splits(_subsample(frames, cfg), cfg)
     splits = {s: Split(frames[s]["text"].tolist(), frames[s]["label"].to_numpy(np.int64)) for s in SPLITS}
     return _make_task(name, label_names, splits, cfg.source)

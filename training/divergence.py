@@ -25,8 +25,11 @@ def signs(global_state: State, seed: int = 0) -> torch.Tensor:
 
 def update_sketch(local: State, global_state: State, sign: torch.Tensor) -> tuple[torch.Tensor, float]:
     """(sketch, exact L2 norm) of the update ``local - global``."""
+    # Sorted keys: a state dict read back from a checkpoint lists its tensors in another order than the model's,
+    # and each parameter must keep its buckets and signs for cosines to match those of an uninterrupted run.
     delta = torch.cat([
-        (local[k].detach().float() - g.float()).flatten() for k, g in global_state.items() if g.is_floating_point()
+        (local[k].detach().float() - global_state[k].float()).flatten()
+        for k in sorted(global_state) if global_state[k].is_floating_point()
     ])
     norm = float(delta.norm())
     delta.mul_(sign.to(delta.device))

@@ -83,22 +83,36 @@ def fingerprint(parts: list[np.ndarray]) -> str:
 
 
 def load_split(path: Path, num_rows: int | None = None) -> list[np.ndarray]:
-    """The clients' index arrays from a save_split file; with ``num_rows``, they must cover rows 0..num_rows-1 once."""
+    """The clients' index arrays from a save_split file, checked by ``check_split``."""
     path = Path(path)
     try:
         parts = [np.asarray(client, dtype=np.int64) for client in json.loads(path.read_text())["clients"]]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ConfigError(f"{path}: not a readable split file ({error!r}); write it with save_split") from error
+    check_split(parts, num_rows, str(path))
+    return parts
+
+
+def check_split(parts: list[np.ndarray], num_rows: int | None, where: str) -> None:
+    """Every client holds rows, and (with ``num_rows``) every training row belongs to exactly one client.
+
+    A split that leaves rows out is refused too: the training set, its size and the split's fingerprint would
+    then describe different data. To train on fewer rows, lower data.max_samples and partition again.
+    """
+    empty = [i for i, part in enumerate(parts) if len(part) == 0]
+    if empty:
+        raise ConfigError(f"{where}: client {empty[0]} holds no rows, and a client without data cannot train; "
+                          "partition again, or drop the empty client and lower fl.num_clients")
     rows = np.concatenate(parts) if parts else np.empty(0, np.int64)
     limit = np.iinfo(np.int64).max if num_rows is None else num_rows
     outside = rows[(rows < 0) | (rows >= limit)]
     if outside.size:
-        raise ConfigError(f"{path}: row {outside[0]} is not an index into the {num_rows or 'training'} rows; "
+        raise ConfigError(f"{where}: row {outside[0]} is not an index into the {num_rows or 'training'} rows; "
                           "the split was made for another training set, so partition again")
     values, counts = np.unique(rows, return_counts=True)
     if (counts > 1).any():
-        raise ConfigError(f"{path}: row {values[counts > 1][0]} belongs to more than one client; partition again")
+        raise ConfigError(f"{where}: row {values[counts > 1][0]} belongs to more than one client; partition again")
     if num_rows is not None and len(rows) != num_rows:
-        raise ConfigError(f"{path}: the clients hold {len(rows)} of the {num_rows} training rows; "
-                          "the split was made for another training set, so partition again")
-    return parts
+        raise ConfigError(f"{where}: the clients hold {len(rows)} of the {num_rows} training rows, and a split must "
+                          "cover them all; the split was made for another training set, so partition again (to "
+                          "train on fewer rows, lower data.max_samples first)")

@@ -212,13 +212,17 @@ def score(client, target: Target, split: str, data: str | None = None, overrides
     """Load the model and predict the split of its task (or of ``--data``) on the GPU when there is one."""
     import mlflow
 
+    from training import dataref
     from training.data import load_task
     from training.evaluate import predict
     from training.features import collator, encode_task
     from training.study import pick_device
 
     trained = trained_config(target.run_id)
+    recorded = client.get_run(target.run_id).data.tags
     cfg = data_config(trained, data, list(overrides))
+    if not data and cfg.data.source == trained.data.source:  # the run's own data, wherever it is from here
+        cfg = cfg.override(**{"data.source": dataref.find(cfg.data.source, recorded, target.run_id)})
     task = load_task(cfg.data)
     where = pick_device("auto", "auto")
     parts = mlflow.transformers.load_model(target.uri, return_type="components")
@@ -230,8 +234,7 @@ def score(client, target: Target, split: str, data: str | None = None, overrides
     encoded = encode_task(task, tokenizer, trained.model.max_length)[split]
     predictions, loss = predict(model, encoded, collator(tokenizer), batch_size or trained.runtime.eval_batch_size,
                                 where)
-    trained_fingerprint = client.get_run(target.run_id).data.tags.get("dataset.fingerprint")
-    return Evaluation(target, split, task, predictions, loss, cfg.data.source, trained_fingerprint)
+    return Evaluation(target, split, task, predictions, loss, cfg.data.source, recorded.get("dataset.fingerprint"))
 
 
 # ---- recording ------------------------------------------------------------------------------------------------------
@@ -382,7 +385,8 @@ def add_evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help=f"the model to evaluate: {REF_FORMS}")
     parser.add_argument("--split", choices=SPLITS, default="test", help="which split of the task (default: test)")
     parser.add_argument("--data", metavar="SOURCE", help="evaluate on this data.source instead of the one the model "
-                        "was trained on (a prepared task folder, a file, pkg://... or a hub id)")
+                        "was trained on (a prepared task folder, a file, pkg://... or a hub id); by default the run's "
+                        "data is looked for where it was, then at the same place in this git checkout, then here")
     parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                         help="override a data.* setting of the run's config, e.g. --set data.max_samples=0 "
                              "(repeatable)")

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from training import divergence, partition
+from training import divergence, partition, preflight
 from training.client import Device, client_seed
 from training.config import Config, ConfigError
-from training.data import Task, load_task
+from training.data import Task
 from training.features import Encoded, collator, encode_task
 from training.models import load_model, load_tokenizer
 
@@ -61,20 +61,10 @@ def build(config: Config, split: list[np.ndarray] | None = None, device: str | N
 
     ``device`` overrides ``runtime.device`` (a torchrun worker's own GPU).
     """
+    task, split = preflight.check(config, split)
     if config.runtime.threads:
         torch.set_num_threads(config.runtime.threads)
     where = pick_device(device or config.runtime.device, config.runtime.precision)
-    task = load_task(config.data)
-    if split is None:
-        split = partition.partition(
-            task.train.labels, config.fl.num_clients, config.partition.scheme, config.partition.alpha,
-            config.partition.seed,
-        )
-    elif len(split) != config.fl.num_clients:
-        raise ConfigError(
-            f"fl.num_clients={config.fl.num_clients} but the client split holds {len(split)} clients; "
-            f"set fl.num_clients={len(split)} or pass the matching split"
-        )
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, task.label_names, config.fl.seed).to(where.device)
     encoded = encode_task(task, tokenizer, config.model.max_length)

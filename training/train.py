@@ -5,6 +5,7 @@ Used as is by the command line, the DVC train stage and each Optuna trial (which
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -12,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from training import checkpoint, rounds, tracking
+from training import checkpoint, dataref, rounds, tracking
 from training.config import Config, ConfigError, from_dict
 from training.evaluate import evaluate
 from training.models import slug
 from training.study import Study, build
+from training.workdir import WorkDir, owned_here, owner_gone
 
 
 @dataclass
@@ -59,60 +61,136 @@ def train(
     tags: dict[str, str] | None = None,
     executor=None,
     out=None,
+    from_round: int | None = None,
 ) -> TrainResult:
     """Run (or, with ``resume=RUN_ID``, continue) a federated study and track it in MLflow.
 
     Under torchrun every worker calls this; only the main one tracks, and the others return None.
+    ``from_round`` resumes from an earlier kept checkpoint than the newest (e.g. when the newest is damaged).
     """
     out = out or sys.stdout
     executor = executor or rounds.InProcess()
     # Workers other than the main one touch MLflow only to fetch a checkpoint (the store exists by then).
-    client = tracking.connect() if executor.is_main or resume else None
+    client = tracking.patient_client(config.tracking.retry_seconds) if executor.is_main or resume else None
+    if executor.is_main:
+        tracking.sweep(client, out)
     start = None
-    with tempfile.TemporaryDirectory(prefix="fedtune-") as tmp:
-        if resume:
-            start, config = _resume_point(client, resume, Path(tmp) / "resume")
-            split = split if split is not None else _recorded_split(client, resume)
-        study = build(config, split, device=executor.device)
-        if not executor.is_main:
-            rounds.run(study, (), None, start, executor)
-            return None
-        run_name, registered = names(config, study)
-        run_id = resume or tracking.start_run(client, study, run_name, tracking.run_tags(study, tags), parent_run_id)
-        if resume:
-            _check_same_split(client, run_id, study)
-            client.update_run(run_id, status="RUNNING")
-        print(f"fedtune: run {run_id} ({run_name}) on {study.where.device}; "
-              f"{len(study.task.train.texts)} training texts over {config.fl.num_clients} clients", file=out)
-        tracker = tracking.MlflowCallback(client, run_id)
-        try:
-            history, _ = rounds.run(study, (tracker, _Printer(out), *callbacks), Path(tmp) / "checkpoints", start,
-                                    executor)
-            test = evaluate(study.model, study.encoded["test"], study.collate, config.runtime.eval_batch_size,
-                            study.where)
-            last = history.rounds[-1]["round"]
-            tracking.log_metrics(client, run_id, {f"test_{k}": v for k, v in test.items()}, last)
-            version = tracking.log_model(client, run_id, study, registered) if config.tracking.log_model else None
-        except BaseException as err:  # NaN loss, Ctrl-C, any failure: mark the run FAILED, keep checkpoints
-            tracking.finish(client, run_id, ok=False, reason=f"{type(err).__name__}: {err}")
-            raise
-        tracking.finish(client, run_id, ok=True)
+    if resume:
+        start = _resume_point(client, resume, from_round, executor, out)
+        config = from_dict(start.config)
+        client.seconds = config.tracking.retry_seconds
+        split = split if split is not None else _recorded_split(client, resume)
+    study = build(config, split, device=executor.device)
+    if not executor.is_main:
+        rounds.run(study, (), None, start, executor)
+        return None
+    run_name, registered = names(config, study)
+    recorded = {**dataref.tags(config.data.source), **(tags or {})}  # so that evaluate finds the data from anywhere
+    run_id = resume or tracking.start_run(client, study, run_name, tracking.run_tags(study, recorded), parent_run_id)
+    work = WorkDir(tracking.tracking_uri(), run_id)
+    metrics = tracking.Metrics(client, run_id, work)
+    if resume:
+        _check_same_split(client, run_id, study)
+        client.update_run(run_id, status="RUNNING")
+        client.delete_tag(run_id, "failure_reason") if "failure_reason" in client.get_run(run_id).data.tags else None
+        tracking.claim(client, run_id)
+        metrics.logged = tracking.logged_points(client, run_id)
+        metrics.flush()
+        if from_round is None:  # a kill between an upload and its pruning leaves one checkpoint too many
+            tracking.prune_checkpoints(client, run_id, start.history, config.fl.keep_checkpoints)
+    print(f"fedtune: run {run_id} ({run_name}) on {study.where.device}; "
+          f"{len(study.task.train.texts)} training texts over {config.fl.num_clients} clients", file=out, flush=True)
+    tracker = tracking.MlflowCallback(metrics, config.fl.keep_checkpoints)
+    try:
+        history, _ = rounds.run(study, (tracker, _Printer(out), *callbacks), work.checkpoints, start, executor)
+        test = evaluate(study.model, study.encoded["test"], study.collate, config.runtime.eval_batch_size,
+                        study.where)
+        metrics.log("test", {f"test_{k}": v for k, v in test.items()}, history.rounds[-1]["round"])
+        version = tracking.log_model(client, run_id, study, registered) if config.tracking.log_model else None
+    except BaseException as err:  # NaN loss, Ctrl-C, an outage, any failure: mark the run FAILED, keep checkpoints
+        _fail(client, run_id, work, err)
+        raise
+    tracking.finish(client, run_id, ok=True)
+    work.clean()
     labels = study.task.validation.labels
     result = TrainResult(run_id, history, test, registered, version, float(np.bincount(labels).max() / len(labels)))
     _print_summary(result, config, out)
     return result
 
 
-def _resume_point(client, run_id: str, into: Path) -> tuple[checkpoint.Checkpoint, Config]:
-    try:
-        client.get_run(run_id)
-    except Exception as err:
-        raise ConfigError(f"--resume {run_id}: no such MLflow run at {tracking.tracking_uri()}") from err
-    path = tracking.latest_checkpoint(client, run_id, into)
-    if path is None:
+def _fail(client, run_id: str, work: WorkDir, err: BaseException) -> None:
+    """Mark the run FAILED with one readable reason; when the server cannot hear it, leave the reason in the work
+    directory, where the next ``fedtune train`` finds it (``tracking.sweep``), with the data not yet sent."""
+    if not isinstance(err, tracking.TrackingUnavailable):
+        try:
+            tracking.finish(client, run_id, ok=False, reason=f"{type(err).__name__}: {err}")
+            work.clean()
+            return
+        except tracking.TrackingUnavailable as lost:
+            err = lost
+    err.advice = (f"Nothing logged is lost: the metrics and checkpoint not yet sent stay in {work.path}. When the "
+                  f"server answers again, continue with `fedtune train --resume {run_id}`; the next `fedtune train` "
+                  f"marks the run FAILED with this reason until then.")
+    work.note_failure(f"the tracking server at {err.uri} stopped answering ({err.cause}) while {err.doing}; "
+                      f"what was not sent stays in {work.path}; resume with `fedtune train --resume {run_id}`")
+
+
+def _resume_point(client, run_id: str, from_round: int | None, executor, out) -> checkpoint.Checkpoint:
+    """The checkpoint to continue from: the newest kept one (after the main worker has uploaded any this machine
+    still held), or ``from_round``; each file checked against its recorded hash."""
+    work = WorkDir(tracking.tracking_uri(), run_id)
+    if executor.is_main:
+        _check_resumable(client, run_id)
+        for path in sorted(work.checkpoints.glob("round-*")):
+            try:
+                checkpoint.verify(path)
+                tracking.upload_checkpoint(client, run_id, path)
+            except checkpoint.CorruptCheckpoint as err:  # an earlier copy is on the server
+                print(f"fedtune: dropping the local {err} (run {run_id}); the server's copies are used", file=out)
+                shutil.rmtree(path)
+    executor.agree(False)  # every worker reads the checkpoint the main worker may just have uploaded
+    saved = tracking.checkpoint_rounds(client, run_id)
+    if not saved:
         raise ConfigError(f"--resume {run_id}: the run has no checkpoint yet; start a new run instead")
-    ckpt = checkpoint.load(path)
-    return ckpt, from_dict(ckpt.config)
+    if from_round is not None and from_round not in saved:
+        raise ConfigError(f"--from-round {from_round}: run {run_id} keeps checkpoints of rounds {saved}; pick one")
+    chosen = saved[-1] if from_round is None else from_round
+    work.path.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="download-", dir=work.path) as into:
+        try:
+            return checkpoint.load(tracking.download_checkpoint(client, run_id, chosen, Path(into) / str(chosen)))
+        except checkpoint.CorruptCheckpoint as err:
+            earlier = next((r for r in reversed(saved) if r < chosen and _intact(client, run_id, r, Path(into))), None)
+            offer = (f"The previous good checkpoint is round {earlier}: continue from it with `fedtune train --resume "
+                     f"{run_id} --from-round {earlier}`." if earlier else
+                     "No earlier checkpoint of the run is intact; start a new run.")
+            raise ConfigError(f"--resume {run_id}: the checkpoint of round {chosen} is damaged: "
+                              f"checkpoints/{checkpoint.folder_name(chosen)}/{err.file} {err.problem}. {offer}") from err
+
+
+def _intact(client, run_id: str, round_: int, into: Path) -> bool:
+    try:
+        checkpoint.verify(tracking.download_checkpoint(client, run_id, round_, into / str(round_)))
+        return True
+    except checkpoint.CorruptCheckpoint:
+        return False
+
+
+def _check_resumable(client, run_id: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        raise ConfigError(f"--resume {run_id}: no such MLflow run at {tracking.tracking_uri()}") from err
+    if run.info.status == "FINISHED":
+        raise ConfigError(f"--resume {run_id}: the run is FINISHED (evaluated on the test split, its model logged); "
+                          f"resuming would evaluate, log and register it a second time. Start a new run instead, "
+                          f"or evaluate this one with `fedtune evaluate {run_id}`")
+    tags = run.data.tags
+    if run.info.status == "RUNNING" and owned_here(tags) and not owner_gone(tags):
+        raise ConfigError(f"--resume {run_id}: the run is still being trained by process {tags['fedtune.pid']} on "
+                          f"this machine; stop that process first")
 
 
 def _recorded_split(client, run_id: str) -> list[np.ndarray] | None:

@@ -22,6 +22,7 @@ PARENT_ATTR = "mlflow_parent_run_id"  # study user attr: where trials and worker
 SETUP_ATTR = "setup"  # study user attr: what every trial of the study shares (see ``setup``)
 MAX_RETRY = 2  # a trial whose worker died is rerun at most this often, so a trial that kills its worker cannot loop
 SETTLE_SECONDS = 1.0  # lets runs created by workers starting together commit before the earliest one is chosen
+POLL_SECONDS = 1.0  # how often a worker waiting for other workers' trials looks at the study
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -129,56 +130,97 @@ def write_best(path: Path, params: dict, note: str) -> None:
 def tune(config: Config, split=None, out=None) -> TuneResult:
     """Launch, join or resume the study and run trials until it has ``tune.trials`` finished ones."""
     import optuna
-    from optuna.trial import TrialState
-
-    from training import tracking
-    from training.client import NonFiniteLoss
 
     out, started = out or sys.stdout, time.perf_counter()
 
-    # 1. open (or join) the study, check it measures the same setup, and find its MLflow parent run
+    # 1. the storage first: a bad --storage fails in seconds, before data, model or MLflow are touched
+    storage, shown = optuna_storage.open_storage(config, on_stale=retry_stale)
+    from training import tracking
     from training.data import load_task
 
+    # 2. open (or join) the study, check it measures the same setup, and find its MLflow parent run
     task = load_task(config.data)
     shared = setup(config, task.fingerprint, split)
-    client = tracking.connect()
-    storage, shown = optuna_storage.open_storage(config, on_stale=retry_stale)
-    study = optuna.create_study(
-        storage=storage, study_name=study_name(config, task.name, shared), direction="maximize", load_if_exists=True,
-        # constant_liar: concurrent workers see each other's running trials and spread out instead of piling up
-        sampler=optuna.samplers.TPESampler(seed=config.tune.seed or None, constant_liar=True),
-        pruner=make_pruner(config),
-    )
-    check_setup(study, shared)
-    parent = parent_run(client, config, study, shown)
+    client, parent = tracking.connect(), None
+    try:
+        study = optuna.create_study(
+            storage=storage, study_name=study_name(config, task.name, shared), direction="maximize",
+            load_if_exists=True,
+            # constant_liar: concurrent workers see each other's running trials and spread out instead of piling up
+            sampler=optuna.samplers.TPESampler(seed=config.tune.seed or None, constant_liar=True),
+            pruner=make_pruner(config),
+        )
+        check_setup(study, shared)
+        parent = parent_run(client, config, study, shown)
 
-    # 2. run the trials the study still lacks
-    earlier = len(study.trials)
-    remaining = config.tune.trials - tally(study).finished
-    if remaining > 0:
-        client.update_run(parent, status="RUNNING")
-        # Running and queued trials count too, so workers stop together at the total instead of each adding one;
-        # a dead worker's trial must not count as running, so stale trials are failed (and requeued) first.
-        stop = optuna.study.MaxTrialsCallback(
-            config.tune.trials, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING))
+        # 3. run the trials the study still lacks
+        earlier = len(study.trials)
+        missing = config.tune.trials - tally(study).finished
+        if missing > 0:
+            client.update_run(parent, status="RUNNING")
+            run_trials(study, config, objective(config, split, client, parent, out), client, parent, out)
+        else:
+            print(f"study {study.study_name} already has {config.tune.trials - missing} finished trials; "
+                  f"nothing to run (raise --trials to extend it)", file=out)
 
-        def progress(study, trial):
-            log_tally(client, parent, study, config.tune.trials, trial.number)
-
-        study.optimize(objective(config, split, client, parent, out), n_trials=remaining, catch=(NonFiniteLoss,),
-                       callbacks=[fail_stale, stop, progress])
-    else:
-        print(f"study {study.study_name} already has {config.tune.trials - remaining} finished trials; "
-              f"nothing to run (raise --trials to extend it)", file=out)
-
-    # 3. the study's standing, best params and plots on the parent run
-    result = tally(study)
-    log_tally(client, parent, study, config.tune.trials, len(study.trials))
-    log_plots(client, parent, study, result.complete)
+        # 4. the study's standing, best params and plots on the parent run
+        result = tally(study)
+        log_tally(client, parent, study, config.tune.trials, len(study.trials))
+        log_plots(client, parent, study, result.complete)
+    except Exception as err:
+        down = optuna_storage.unavailable(storage)
+        if down is None:
+            raise
+        if parent is not None:  # a rerun sets it RUNNING again
+            tracking.finish(client, parent, ok=False, reason=str(down))
+        if err is down:
+            raise
+        raise down from err  # Optuna, unwinding a trial it could not record, may raise an unrelated error
     if result.finished >= config.tune.trials:
         tracking.finish(client, parent, ok=True)
     ran = sum(t.user_attrs.get("worker") == WORKER for t in study.trials[earlier:])
     return TuneResult(study.study_name, shown, parent, config.tune.trials, ran, time.perf_counter() - started, result)
+
+
+def run_trials(study, config: Config, run_one, client, parent: str, out) -> None:
+    """Run trials until the study has ``tune.trials`` finished ones, waiting for other workers' running trials:
+    a trial whose worker died is failed by its heartbeat and rerun here, so ``--trials N`` means N finished."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from training.client import NonFiniteLoss
+
+    # Running and queued trials count too, so workers stop together at the total instead of each adding one;
+    # a dead worker's trial must not count as running, so stale trials are failed (and requeued) first.
+    stop = optuna.study.MaxTrialsCallback(
+        config.tune.trials, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING))
+
+    def progress(study, trial):
+        log_tally(client, parent, study, config.tune.trials, trial.number)
+
+    while (missing := config.tune.trials - tally(study).finished) > 0:
+        before = config.tune.trials - missing
+        study.optimize(run_one, n_trials=missing, catch=(NonFiniteLoss,), callbacks=[fail_stale, stop, progress])
+        wait_for_running(study, config.tune.heartbeat_seconds, out)
+        if tally(study).finished == before and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            return  # every trial of this pass failed by itself (say, a diverging lr): stop rather than loop
+
+
+def wait_for_running(study, interval: int, out) -> None:
+    """Wait while other workers' trials run: each one ends, or, its worker gone, goes ``2 * interval`` seconds
+    without a heartbeat and is failed and requeued here (``retry_stale``). A worker that left earlier would leave
+    such a trial RUNNING, uncounted and unretried, with the study short of ``--trials``."""
+    from optuna.trial import TrialState
+
+    told: set[int] = set()
+    while running := {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}:
+        if running - told:
+            print(f"waiting for trial {', '.join(map(str, sorted(running - told)))} of another worker: it finishes "
+                  f"there, or, if that worker is gone, it is failed after {2 * interval} s without a heartbeat and "
+                  f"rerun here with the same params", file=out, flush=True)
+            told |= running
+        fail_stale(study, None)
+        time.sleep(min(interval, POLL_SECONDS))
 
 
 def setup(config: Config, data_fingerprint: str, split=None) -> dict:
