@@ -20,6 +20,9 @@ from training.config import ConfigError
         ("fl.rounds=true", "fl.rounds"),
         ("client.lrr=1e-4", "client.lrr"),
         ("optim.lr=1e-4", "optim.lr"),
+        ("data.seed=-1", "data.seed"),
+        ("partition.seed=-1", "partition.seed"),
+        ("fl.seed=-1", "fl.seed"),
     ],
 )
 def test_bad_values_name_the_field(override, field):
@@ -60,3 +63,15 @@ def test_missing_file_and_malformed_set():
 def test_round_trip_through_dict():
     cfg = config.load(None, ["fl.rounds=2"])
     assert config.from_dict(cfg.to_dict()) == cfg
+
+
+def test_yaml_syntax_errors_name_the_file_or_option_line_and_column(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("fl:\n  rounds: 2\nclient:\n  lr: [1e-4\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: YAML syntax error at line 5, column 1: expected ',' or ']'"):
+        config.load(path)
+    with pytest.raises(ConfigError, match=rf"^--set-file {path}: YAML syntax error at line 5, column 1"):
+        config.read_override_files([str(path)])
+    with pytest.raises(ConfigError, match=r"^--set model\.name: the value 'a: b: c': YAML syntax error at line 1, "
+                                          r"column 5: mapping values are not allowed here"):
+        config.load(None, ["model.name=a: b: c"])

@@ -56,11 +56,18 @@ def test_image_trains_offline_as_non_root_into_a_bind_mounted_store(engine, tmp_
     workspace.mkdir()
     own(workspace, uid)
     # At its own path, as `fedtune launch` mounts it, so the artifact paths the store records hold on the host too.
-    output = engine.containers.run(
+    container = engine.containers.run(
         IMAGE, ["train", *(arg for item in TINY for arg in ("--set", item))],
         volumes={str(workspace): {"bind": str(workspace), "mode": "rw"}}, working_dir=str(workspace),
-        environment={"HF_HUB_OFFLINE": "1"}, network_mode="none", remove=True, stderr=True,
-    ).decode()
+        environment={"HF_HUB_OFFLINE": "1"}, network_mode="none", detach=True,
+    )
+    try:
+        exit_code = container.wait()["StatusCode"]
+        output = container.logs().decode(errors="replace")
+    finally:
+        container.remove(v=True)  # and its anonymous Hugging Face cache volume
+
+    assert exit_code == 0, output
 
     store = MlflowClient(f"sqlite:///{workspace}/mlruns/mlflow.db")
     [run] = store.search_runs([store.get_experiment_by_name("fedtune").experiment_id])
@@ -123,13 +130,20 @@ def stack(engine, tmp_path_factory):
     own(workspace / "params.yaml", uid)
     stack = Stack(workspace, tmp_path_factory.mktemp("compose") / "resolved.yaml")
     try:
+        import time; t0 = time.time()
         stack.compose("up", "-d", "mlflow")  # waits for PostgreSQL to be healthy
+        print("up mlflow", time.time() - t0)
         stack.trained = stack.compose("run", "--rm", "trainer")  # waits for MLflow to be healthy
+        print("trainer", time.time() - t0)
         stack.compose("up", "-d", "--scale", "tuner=2", "tuner")
+        print("tuner up", time.time() - t0)
         tuners = engine.containers.list(all=True, filters={"label": [f"com.docker.compose.project={stack.project}",
                                                                      "com.docker.compose.service=tuner"]})
         stack.tuner_exits = [tuner.wait()["StatusCode"] for tuner in tuners]
         stack.tuner_logs = "\n".join(tuner.logs().decode(errors="replace") for tuner in tuners)
+        print("tuners done", time.time() - t0)
+        print(stack.tuner_logs[-3000:])
+        print(stack.trained.stdout[-3000:], stack.trained.stderr[-3000:])
         yield stack
     finally:
         stack.down = stack.compose("down", "-v", "--remove-orphans", check=False)

@@ -26,6 +26,7 @@ STRONG = ("fl.rounds=4", "client.local_epochs=2", "client.lr=3e-3")
         ("models:/empythy-tiny-bert/12", ("version", "empythy-tiny-bert", "12")),
         ("0123456789abcdef0123456789abcdef", ("run", "0123456789abcdef0123456789abcdef")),
         ("runs:/0123456789abcdef0123456789abcdef/model", ("run", "0123456789abcdef0123456789abcdef")),
+        ("runs:/0123456789abcdef0123456789abcdef/empythy-tiny-bert", ("run", "0123456789abcdef0123456789abcdef")),
     ],
 )
 def test_model_references_are_parsed(ref, parsed):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from training import optuna_storage, store, tracking
+from training import optuna_storage, registry, store, tracking
 from training.cli import main
 from training.config import ConfigError
 from training.data import load_task, write_prepared
@@ -94,13 +94,19 @@ def test_a_copied_store_is_relocated_once_on_connect_and_foreign_locations_stay(
 
 def test_a_copy_of_the_database_alone_keeps_reading_the_original_artifacts(elsewhere, tmp_path, monkeypatch):
     original, _ = elsewhere
-    fill(tracking.connect())
+    run_id = fill(tracking.connect())["run_id"]
     (tmp_path / "c").mkdir()
     shutil.copy(original / "mlflow.db", tmp_path / "c")
     before = recorded_locations(tmp_path / "c" / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri(tmp_path / "c"))
-    tracking.connect()
+    client = tracking.connect()
     assert recorded_locations(tmp_path / "c" / "mlflow.db") == before
+    # once those are gone too, evaluate says where it looked and what to copy, not "not trained by fedtune"
+    shutil.rmtree(original / "artifacts")
+    with pytest.raises(ConfigError, match=rf"run {run_id}'s artifacts are not at {original.resolve()}/artifacts/"
+                                          rf"{run_id}/artifacts, where the tracking store records them; copy the "
+                                          rf"store's whole folder"):
+        registry.trained_config(client, run_id)
     # asked to, it moves them all the same
     assert store.relocate(tmp_path / "c", original).rows == 7
 

@@ -50,6 +50,18 @@ def finished(study: optuna.Study) -> list:
     return study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
 
 
+def load_study_when_created(name: str, worker: subprocess.Popen, url: str = ""):
+    """The study, once the worker has created it."""
+    deadline = time.monotonic() + 240
+    while True:
+        try:
+            return load_study(name, url)
+        except KeyError:  # not created yet
+            assert worker.poll() is None, "the worker exited before creating its study"
+            assert time.monotonic() < deadline, "no study after 240 s"
+            time.sleep(0.1)
+
+
 def wait_for(condition, study: optuna.Study, *workers: subprocess.Popen, timeout: float = 240) -> None:
     """Until ``condition(study's trials)`` holds: synchronises a test with the study's state, not with the clock.
     Fails at once when a worker exits first (its condition can no longer come)."""
@@ -278,9 +290,10 @@ def test_killed_worker_trial_is_failed_by_heartbeat_and_retried(storage, store, 
                  f"tune.study_name={name}", f"tune.storage={url}"]
     worker = subprocess.Popen(fedtune_tune(*sets(*overrides)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        # Trial 0 inside its run, past its first round: its report is in the study, so the write that put it there
-        # (which holds the journal's file lock) is over and a kill cannot leave the lock held.
-        wait_for(lambda trials: any(1 in t.intermediate_values for t in trials), load_study(name, url), worker)
+        # Trial 0 inside its run, past its first round: its report is in the study, so the write that put it there is
+        # over (a kill inside a journal write leaves the file lock held, which Optuna breaks only after 30 s).
+        study = load_study_when_created(name, worker, url)
+        wait_for(lambda trials: any(1 in t.intermediate_values for t in trials), study, worker)
         os.kill(worker.pid, signal.SIGKILL)
         worker.wait()
     finally:

@@ -16,7 +16,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from tests.test_tune import STUDY, fedtune_tune, finished, load_study, postgres_server, sets, wait_for
+from tests.test_tune import (STUDY, fedtune_tune, finished, load_study, load_study_when_created, postgres_server,
+                              sets, wait_for)
 
 # Long enough trials (5 unpruned rounds) to act inside one.
 DRILL = [*STUDY, "fl.rounds=5", "tune.pruner=none", "tune.trials=2"]
@@ -81,18 +82,6 @@ def start_worker(overrides: list[str], log: Path, *args: str) -> subprocess.Pope
 def reported(round_: int):
     """The condition 'some trial has reported round ``round_``' (so it is inside its run, and that write is over)."""
     return lambda trials: any(round_ in t.intermediate_values for t in trials)
-
-
-def load_study_when_created(name: str, worker: subprocess.Popen, url: str = ""):
-    """The study, once the worker has created it."""
-    deadline = time.monotonic() + 240
-    while True:
-        try:
-            return load_study(name, url)
-        except KeyError:  # not created yet
-            assert worker.poll() is None, "the worker exited before creating its study"
-            assert time.monotonic() < deadline, "no study after 240 s"
-            time.sleep(0.1)
 
 
 # bad --storage --------------------------------------------------------------------------------------------------------

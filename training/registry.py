@@ -22,8 +22,8 @@ if TYPE_CHECKING:  # numpy and the data stack load only when a command runs
 EXPERIMENT = "fedtune-evaluation"
 SPLITS = ("validation", "test")
 METRICS = ("accuracy", "macro_f1")
-REF_FORMS = "models:/NAME@ALIAS, models:/NAME/VERSION, a run id (32 hex digits) or runs:/RUN_ID/model"
-_RUN = re.compile(r"(?:runs:/)?([0-9a-f]{32})(?:/model)?/?")
+REF_FORMS = "models:/NAME@ALIAS, models:/NAME/VERSION, a run id (32 hex digits) or runs:/RUN_ID/MODEL_NAME"
+_RUN = re.compile(r"(?:runs:/)?([0-9a-f]{32})(?:/[^/@]+)?/?")
 _VERSION = re.compile(r"models:/(.+)/(\d+)")
 _ALIAS = re.compile(r"models:/(.+)@([\w-]+)")
 
@@ -39,7 +39,7 @@ class Target:
     version: str | None = None
 
     def __str__(self) -> str:
-        return f"models:/{self.name}/{self.version}" if self.name else f"runs:/{self.run_id}/model"
+        return f"models:/{self.name}/{self.version}" if self.name else self.uri
 
 
 def parse_ref(ref: str) -> tuple[str, ...]:
@@ -104,8 +104,10 @@ def _run_target(client, run_id: str) -> Target:
         run = client.get_run(run_id)
     except MlflowException as err:
         raise ConfigError(f"no MLflow run {run_id} in this tracking store; pass {REF_FORMS}") from err
+    # whatever its name: a training run logs one final model (the newest, should a resume have logged another)
     logged = client.search_logged_models(experiment_ids=[run.info.experiment_id],
-                                         filter_string=f"source_run_id='{run_id}' AND name='model'")
+                                         filter_string=f"source_run_id='{run_id}'",
+                                         order_by=[{"field_name": "creation_timestamp", "ascending": False}])
     if not logged:
         raise ConfigError(f"run {run_id} has no logged model (was it trained with tracking.log_model=false, or did it "
                           f"fail?); pass a run that finished training, or models:/NAME@ALIAS")
@@ -134,15 +136,21 @@ def data_config(trained: Config, data: str | None, overrides: list[str]) -> Conf
     return trained.override(**dotted)
 
 
-def trained_config(run_id: str) -> Config:
+def trained_config(client, run_id: str) -> Config:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from training import store
     from training.config import from_dict
 
     try:
         return from_dict(mlflow.artifacts.load_dict(f"runs:/{run_id}/config.json"))
     except MlflowException as err:
+        recorded = store.local_path(client.get_run(run_id).info.artifact_uri)
+        if recorded is not None and not recorded.exists():
+            raise ConfigError(f"run {run_id}'s artifacts are not at {recorded}, where the tracking store records "
+                              f"them; copy the store's whole folder (mlflow.db and artifacts/) and open the copy with "
+                              f"fedtune, or run `fedtune relocate` on it") from err
         raise ConfigError(f"run {run_id} has no config.json, so its data is unknown; it was not trained by fedtune "
                           f"train") from err
 
@@ -218,7 +226,7 @@ def score(client, target: Target, split: str, data: str | None = None, overrides
     from training.features import collator, encode_task
     from training.study import pick_device
 
-    trained = trained_config(target.run_id)
+    trained = trained_config(client, target.run_id)
     recorded = client.get_run(target.run_id).data.tags
     cfg = data_config(trained, data, list(overrides))
     if not data and cfg.data.source == trained.data.source:  # the run's own data, wherever it is from here
