@@ -74,7 +74,9 @@ RUN pip install --no-deps --no-index /tmp/wheels/*.whl && rm -rf /tmp/wheels
 
 # Models and datasets download into a volume, never into the container's layer. MLFLOW_TRACKING_URI and the
 # FEDTUNE_* settings come from the environment at run time (compose.yaml, `fedtune launch`, `docker run -e`).
-ENV HF_HOME=/home/fedtune/.cache/huggingface
+# The image has no git, so runs record no commit from inside; MLflow need not warn about it at length.
+ENV HF_HOME=/home/fedtune/.cache/huggingface \
+    GIT_PYTHON_REFRESH=quiet
 VOLUME ["/home/fedtune/.cache/huggingface"]
 
 # Numeric, so that Kubernetes runAsNonRoot and the like can check it.

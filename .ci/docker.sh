@@ -18,10 +18,12 @@ docker=(/usr/bin/docker --host "unix://$socket")
 
 running() { [[ -f $pid_file ]] && kill -0 "$(cat "$pid_file")" 2>/dev/null; }
 
+engine_mounts() { awk -v root="$root" -v run="$run" 'index($2, root) == 1 || index($2, run) == 1 { print $2 }' /proc/self/mounts; }
+
 leftovers() {
     pgrep -a -x dockerd || true
     pgrep -a -f "containerd.*$run" || true
-    grep -E " ($root|$run)" /proc/self/mounts || true
+    engine_mounts
 }
 
 start() {
@@ -62,6 +64,8 @@ stop() {
         kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
         echo "docker.sh: engine $pid stopped" >&2
     fi
+    # dockerd leaves its network namespace bind-mounted (netns/default) when it exits; the mounts are its own.
+    engine_mounts | tac | xargs -r -n 1 umount
     local left
     left=$(leftovers)
     if [[ -n $left ]]; then

@@ -73,3 +73,9 @@ def save_tiny_model(path, num_labels: int):
     load_model(ModelConfig(name="tiny-bert"), [f"l{i}" for i in range(num_labels)], seed=0).save_pretrained(path)
     AutoTokenizer.from_pretrained(resolve("tiny-bert")).save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def saved_model(tmp_path):
+    """``saved_model(num_labels)`` -> a folder in tmp_path holding a tiny BERT classifier with that head."""
+    return lambda num_labels: save_tiny_model(tmp_path / f"saved-{num_labels}-labels", num_labels)

@@ -3,14 +3,17 @@ fix, and creates no MLflow run; a NaN loss fails the run."""
 
 import json
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import TINY, all_runs
+import training
 from training import checkpoint
 from training.cli import main
 from training.config import ConfigError
@@ -124,8 +127,9 @@ print(json.dumps(report))
 def test_bad_input_is_refused_before_torch_and_transformers_load(bad, store):
     """Every case in a fresh interpreter: refused with exit code 2, and neither library was ever imported."""
     commands = [fedtune_train(*bad(args)) for args, _ in CASES]
+    package = {"PYTHONPATH": str(Path(training.__file__).resolve().parents[1])}  # this checkout's, from any folder
     done = subprocess.run([sys.executable, "-c", CHECK_ALL, json.dumps(commands)], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env={**os.environ, **package})
     assert done.returncode == 0, done.stderr[-3000:]
     for (args, expected), outcome in zip(CASES, json.loads(done.stdout)):
         assert outcome["code"] == 2 and bad(expected) in outcome["err"], (args, outcome)

@@ -1,4 +1,5 @@
-"""The client update: K=1, one round, one local epoch is plain centralized fine-tuning."""
+"""The client update: K=1, one round, one local epoch is plain centralized fine-tuning; each (round, client) has
+its own seed."""
 
 import torch
 from torch.utils.data import DataLoader
@@ -47,3 +48,18 @@ def test_client_update_does_not_depend_on_clients_before_it(tiny):
     after_others = rounds.InProcess.run_cohort(study, start, [0, 1, 2], 1)
     assert alone.clients[0] == after_others.clients[2]
     torch.testing.assert_close(alone.sketches[2], after_others.sketches[2], rtol=0, atol=0)
+
+
+def test_the_client_seed_depends_on_the_seed_the_round_and_the_client(tiny):
+    seeds = {client_seed(seed, round_, client) for seed in (0, 1) for round_ in range(1, 6) for client in range(10)}
+    assert len(seeds) == 100
+    study = build(tiny("fl.num_clients=2", "fl.rounds=1"))
+    start = study.global_state()
+    # the same client from the same weights in another round: another data order and dropout
+    first, later = (rounds.InProcess.run_cohort(study, start, [0], r) for r in (1, 2))
+    assert not torch.equal(first.sketches[0], later.sketches[0])
+    # two clients holding the same rows in the same round still train differently
+    study.parts = [study.parts[0], study.parts[0].copy()]
+    twins = rounds.InProcess.run_cohort(study, start, [0, 1], 1)
+    torch.testing.assert_close(twins.sketches[0], first.sketches[0], rtol=0, atol=0)
+    assert not torch.equal(twins.sketches[0], twins.sketches[1])

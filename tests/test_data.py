@@ -171,10 +171,18 @@ def test_fraction_that_empties_a_split_names_the_field(tmp_path):
         load_task(toy_cfg(tmp_path / "toy.csv"))
 
 
-def test_unreachable_hub_fails_fast(monkeypatch):
+def test_a_label_column_with_one_class_is_refused(tmp_path):
+    toy_frame().assign(label="pos").to_csv(tmp_path / "one.csv", index=False)
+    with pytest.raises(ConfigError, match=r"data\.label_column: column 'label' of '.*one\.csv' holds a single class "
+                                          r"\('pos'\); a classifier needs at least 2"):
+        load_task(toy_cfg(tmp_path / "one.csv"))
+
+
+def test_unreachable_hub_fails_fast(monkeypatch, free_port):
     # a closed local port stands for a machine without network, whatever this one has
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port}")
     start = time.monotonic()
     with pytest.raises(ConfigError, match=r"data\.source: 'stanfordnlp/imdb'.*unreachable"):
         load_task(DataConfig(source="stanfordnlp/imdb"))

@@ -222,7 +222,7 @@ def test_a_60_s_tracking_outage_mid_round_is_waited_out(server):
 
 
 def test_an_outage_longer_than_the_retry_window_fails_cleanly_and_resume_sends_what_was_held(server):
-    proc, run_id = outage_mid_round(server, "tracking.retry_seconds=3")
+    proc, run_id = outage_mid_round(server, "tracking.retry_seconds=3", "fl.keep_checkpoints=1")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1
     assert "Traceback" not in err and err.count("fedtune: error:") == 1
@@ -241,6 +241,10 @@ def test_an_outage_longer_than_the_retry_window_fails_cleanly_and_resume_sends_w
     points = metric_points(client, run_id)
     assert all([s for s, _ in p] == ([3] if k.startswith("test_") else [1, 2, 3]) for k, p in points.items())
     assert not work.path.exists()
+    # retention deleted through the server's artifact proxy (mlflow-artifacts:/) too
+    history = [{"round": s, "val_accuracy": v} for s, v in points["val_accuracy"]]
+    kept = {checkpoint.round_of(f.path) for f in client.list_artifacts(run_id, "checkpoints")}
+    assert kept == checkpoint.to_keep([1, 2, 3], history, 1) and len(kept) < 3
 
 
 def test_an_unreachable_server_fails_in_seconds_with_one_paragraph(tmp_path):

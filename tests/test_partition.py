@@ -125,6 +125,8 @@ def test_split_file_round_trip(tmp_path):
         ([[0, -1], [2]], None, "row -1 is not an index"),
         ([[0, 1], [1, 2]], 3, "row 1 belongs to more than one client"),
         ([[0, 1], [2]], 4, "the clients hold 3 of the 4 training rows"),
+        ([[0, 1, 2], []], 3, "client 1 holds no rows"),
+        ([[0, 1, 2], []], None, "client 1 holds no rows"),
     ],
 )
 def test_bad_split_file_is_refused_naming_the_file(tmp_path, clients, num_rows, message):

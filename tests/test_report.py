@@ -5,7 +5,7 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from analysis import report
+from analysis import report, run_metrics
 from training.train import train
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -76,3 +76,14 @@ def test_missing_runs_are_refused_with_the_fix(store, tmp_path, capsys):
     (tmp_path / "metrics" / "train" / "K1.json").write_text(json.dumps({"run_id": "0" * 32}))
     assert report.main(report_args(tmp_path)) == 2
     assert "set MLFLOW_TRACKING_URI to the store the train stages used" in capsys.readouterr().err
+
+
+def test_run_metrics_writes_the_headline_of_a_run_record_under_short_names(tmp_path):
+    """The train stage's DVC metric: three numbers, so `dvc metrics show` stays one terminal wide."""
+    record = {"run_id": "0" * 32, "rounds": 3, "val_accuracy": 0.75, "val_accuracy_best": 0.8, "val_macro_f1": 0.7,
+              "val_majority_rate": 0.4, "test_accuracy": 0.72, "test_macro_f1": 0.69,
+              "registered_model": "empythy-tiny-bert", "model_version": "1"}
+    (tmp_path / "record.json").write_text(json.dumps(record))
+    assert run_metrics.main([str(tmp_path / "record.json"), str(tmp_path / "train" / "iid-K1.json")]) == 0
+    assert json.loads((tmp_path / "train" / "iid-K1.json").read_text()) == {
+        "val_acc": 0.75, "test_acc": 0.72, "test_f1": 0.69}
