@@ -124,17 +124,32 @@ print(json.dumps(report))
 """
 
 
+# `fedtune tune` checks the same way before its study starts
+TUNE_CASES = [case for case in CASES if any(text in case[1] for text in ("model.max_length", "single class",
+                                                                          "partial", "fl.seed"))]
+
+
 def test_bad_input_is_refused_before_torch_and_transformers_load(bad, store):
     """Every case in a fresh interpreter: refused with exit code 2, and neither library was ever imported."""
-    commands = [fedtune_train(*bad(args)) for args, _ in CASES]
+    cases = [(fedtune_train(*bad(args)), expected) for args, expected in CASES]
+    cases += [(["tune", *sets(*TINY), *bad(args)], expected) for args, expected in TUNE_CASES]
+    commands = [command for command, _ in cases]
     package = {"PYTHONPATH": str(Path(training.__file__).resolve().parents[1])}  # this checkout's, from any folder
     done = subprocess.run([sys.executable, "-c", CHECK_ALL, json.dumps(commands)], capture_output=True, text=True,
                           timeout=300, env={**os.environ, **package})
     assert done.returncode == 0, done.stderr[-3000:]
-    for (args, expected), outcome in zip(CASES, json.loads(done.stdout)):
-        assert outcome["code"] == 2 and bad(expected) in outcome["err"], (args, outcome)
-        assert outcome["loaded"] == [], (args, outcome)  # in sys.modules after this case or an earlier one
-    print("seconds per case:", {" ".join(a[-2:]): o["seconds"] for (a, _), o in zip(CASES, json.loads(done.stdout))})
+    for (command, expected), outcome in zip(cases, json.loads(done.stdout)):
+        assert outcome["code"] == 2 and bad(expected) in outcome["err"], (command, outcome)
+        assert outcome["loaded"] == [], (command, outcome)  # in sys.modules after this case or an earlier one
+    print("seconds per case:", {" ".join([c[0], *c[-2:]]): o["seconds"]
+                                for (c, _), o in zip(cases, json.loads(done.stdout))})
+
+
+def test_prepare_names_a_yaml_error_in_its_params_file(bad, tmp_path, capsys):
+    assert main(["prepare", "--params", bad("{tmp}/broken.yaml"), "--task", "x", "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err == bad("fedtune: error: --params {tmp}/broken.yaml: YAML syntax error at line 3, "
+                                          "column 1: expected ',' or ']', but got '<stream end>'; fix the YAML there "
+                                          "(quote a value that holds YAML characters such as : [ { #)\n")
 
 
 def test_a_client_left_without_data_is_refused(store, capsys):

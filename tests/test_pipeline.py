@@ -157,7 +157,7 @@ def test_tune_switch_trains_each_client_count_with_its_own_study(repo):
         summary = yaml.safe_load((repo / "metrics" / "tune" / "toy" / "tiny" / f"iid-K{clients}.json").read_text())
         assert summary["trials_complete"] + summary["trials_pruned"] == 3 and summary["study"] in studies
         assert summary["best_params"] == tuned[clients]
-        run_id = yaml.safe_load((repo / "metrics" / "train" / "toy" / "tiny" / f"iid-K{clients}.json").read_text())[
+        run_id = yaml.safe_load((repo / "metrics" / "runs" / "toy" / "tiny" / f"iid-K{clients}.json").read_text())[
             "run_id"]
         run = client.get_run(run_id)
         assert f"tuned/toy/tiny/iid-K{clients}.yaml" in run.data.tags["config.set_files"]
@@ -178,7 +178,7 @@ def test_tune_switch_trains_each_client_count_with_its_own_study(repo):
         assert yaml.safe_load((repo / "tuned" / "toy" / "tiny" / f"iid-K{clients}.yaml").read_text()) == {}
         assert yaml.safe_load((repo / "metrics" / "tune" / "toy" / "tiny" / f"iid-K{clients}.json").read_text()) == {
             "tuned": False}
-        run_id = yaml.safe_load((repo / "metrics" / "train" / "toy" / "tiny" / f"iid-K{clients}.json").read_text())[
+        run_id = yaml.safe_load((repo / "metrics" / "runs" / "toy" / "tiny" / f"iid-K{clients}.json").read_text())[
             "run_id"]
         assert float(client.get_run(run_id).data.params["client.lr"]) == pytest.approx(params["client"]["lr"])
     assert len(client.search_runs([client.get_experiment_by_name("pipeline").experiment_id],

@@ -18,7 +18,7 @@ def runs(tiny, store, tmp_path):
     for clients in (1, 2):
         result = train(tiny(f"fl.num_clients={clients}", "tracking.log_model=false", "tracking.experiment=study"))
         summaries[clients] = result.summary()
-        path = tmp_path / "metrics" / "train" / f"iid-K{clients}.json"
+        path = tmp_path / "metrics" / "runs" / f"iid-K{clients}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result.summary()))
     train(tiny("fl.num_clients=3", "fl.rounds=1", "tracking.log_model=false", "tracking.experiment=study"))
@@ -27,7 +27,7 @@ def runs(tiny, store, tmp_path):
 
 def report_args(tmp_path):
     out = tmp_path / "reports"
-    return ["--runs", str(tmp_path / "metrics" / "train"), "--experiment", "study",
+    return ["--runs", str(tmp_path / "metrics" / "runs"), "--experiment", "study",
             "--accuracy-rounds", str(out / "rounds.png"), "--accuracy-clients", str(out / "clients.png"),
             "--divergence", str(out / "divergence.png"), "--table", str(out / "results.md")]
 
@@ -70,10 +70,10 @@ def test_load_runs_reads_grid_points_and_curves_from_mlflow(runs, store):
 
 
 def test_missing_runs_are_refused_with_the_fix(store, tmp_path, capsys):
-    (tmp_path / "metrics" / "train").mkdir(parents=True)
+    (tmp_path / "metrics" / "runs").mkdir(parents=True)
     assert report.main(report_args(tmp_path)) == 2
     assert "no run records" in capsys.readouterr().err
-    (tmp_path / "metrics" / "train" / "K1.json").write_text(json.dumps({"run_id": "0" * 32}))
+    (tmp_path / "metrics" / "runs" / "K1.json").write_text(json.dumps({"run_id": "0" * 32}))
     assert report.main(report_args(tmp_path)) == 2
     assert "set MLFLOW_TRACKING_URI to the store the train stages used" in capsys.readouterr().err
 

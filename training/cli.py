@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -39,10 +40,11 @@ def load_inputs(args: argparse.Namespace):
     Torch and transformers are not imported, so bad input fails in seconds and before any run is created.
     """
     cfg = load_config(args)
-    from training import preflight  # after the config: a bad value is refused before pandas loads
     from training.partition import load_split
 
     split = load_split(Path(args.split)) if args.split else None
+    from training import preflight  # after the config and the split file: their mistakes are found before pandas loads
+
     preflight.check(cfg, split, f"--split {args.split}")
     return cfg, split
 
@@ -56,8 +58,9 @@ def write_json(path: str | None, data: dict) -> None:
 # train ---------------------------------------------------------------------------------------------------------------
 def add_train(parser: argparse.ArgumentParser) -> None:
     add_config_options(parser)
-    parser.add_argument("--split", metavar="FILE", help="client split JSON from `fedtune partition` "
-                        "(default: partition the training set by the partition.* config)")
+    parser.add_argument("--split", metavar="FILE", help="client split JSON from `fedtune partition`; it must give "
+                        "every training row to exactly one client, and every client a row (default: partition the "
+                        "training set by the partition.* config)")
     parser.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted MLflow run from its last checkpoint "
                         "(its own config is used; --params/--set are not allowed)")
     parser.add_argument("--from-round", type=int, metavar="N", help="with --resume: continue from round N's kept "
@@ -79,6 +82,9 @@ def run_train(args: argparse.Namespace) -> int:
         raise ConfigError("--resume continues a run with the config it was started with; drop --params and --set")
     if args.from_round is not None and not args.resume:
         raise ConfigError("--from-round N needs --resume RUN_ID: it picks the checkpoint to continue from")
+    from training.reach import probe
+
+    probe(os.environ.get("MLFLOW_TRACKING_URI", ""))  # an unreachable server fails in seconds, before data loads
     # a resumed run is checked with the config it was started with, once train() has read it
     cfg, split = (None, None) if args.resume else load_inputs(args)
     if args.workers > 1 or args.nodes > 1:
@@ -192,8 +198,8 @@ def _terminate(signum, frame):
 
 
 def _tracking_unavailable() -> type:
-    # evaluated only when an exception reaches main(), so `fedtune --help` does not load MLflow
-    from training.tracking import TrackingUnavailable
+    # evaluated only when an exception reaches main(), so `fedtune --help` does not load requests
+    from training.reach import TrackingUnavailable
 
     return TrackingUnavailable
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from training import sources
 from training.config import ConfigError, DataConfig
@@ -243,6 +242,8 @@ def _fill_splits(frames: dict[str, pd.DataFrame], cfg: DataConfig) -> dict[str, 
 
 def _carve(frame: pd.DataFrame, size: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``size`` random rows out of ``frame``, stratified by label whenever every class can give to both sides."""
+    from sklearn.model_selection import train_test_split  # a second to import; bad input is refused before it
+
     if size >= len(frame) - 1:
         raise ConfigError(f"data.max_samples: {len(frame)} rows are too few to split off {size} and keep a training "
                           "set; raise data.max_samples (0 = all rows) or lower data.validation_fraction/test_fraction")

@@ -118,7 +118,8 @@ def check_head(cfg: ModelConfig, config: dict, num_labels: int) -> None:
     if has_head and head != num_labels and not cfg.ignore_mismatched_sizes:
         raise ConfigError(f"model.name={cfg.name!r} has a classification head for {head} labels but the data has "
                           f"{num_labels} classes; set model.ignore_mismatched_sizes=true to replace the head with a "
-                          f"new {num_labels}-label one, or pick a checkpoint without a head or with {num_labels} labels")
+                          f"new {num_labels}-label one, or pick a checkpoint without a head or with "
+                          f"{num_labels} labels")
 
 
 def slug(name: str) -> str:

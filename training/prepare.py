@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from training import config
 from training.config import ConfigError
@@ -47,8 +46,8 @@ def run_prepare(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise ConfigError(f"--params {path}: file not found")
     # the prepared task is named after its params key, which names its runs in MLflow and its files in the pipeline
-    task = dataclasses.replace(load_task(task_config(yaml.safe_load(path.read_text()) or {}, args.task)),
-                               name=args.task)
+    params = config.parse_yaml(path.read_text(), f"--params {path}") or {}
+    task = dataclasses.replace(load_task(task_config(params, args.task)), name=args.task)
     write_prepared(task, Path(args.out))
     print(f"fedtune: {args.task}: {len(task.train)} train / {len(task.validation)} validation / {len(task.test)} test "
           f"texts in {len(task.label_names)} classes -> {args.out}")

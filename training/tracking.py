@@ -26,6 +26,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from training import __version__, checkpoint, store
+from training.reach import TrackingUnavailable, probe, short, unreachable
 from training.rounds import Callback
 from training.workdir import WorkDir, owner, owner_gone
 
@@ -58,51 +59,6 @@ def connect() -> MlflowClient:
         client = MlflowClient(uri)
         client.search_experiments(max_results=1)  # runs the migration now, inside the lock
         return client
-
-
-class TrackingUnavailable(RuntimeError):
-    """The tracking server did not answer; ``str()`` is the paragraph shown to the user (``advice`` says what to do)."""
-
-    def __init__(self, uri: str, doing: str, seconds: float, cause: BaseException):
-        super().__init__(uri, doing, seconds)
-        self.uri, self.doing, self.seconds, self.cause = uri, doing, seconds, _short(cause)
-        self.advice = (f"Start the server (or fix MLFLOW_TRACKING_URI; unset it to use the embedded store "
-                       f"{STORE / 'mlflow.db'}) and run the command again.")
-
-    def __str__(self) -> str:
-        waited = f" and did not come back within {self.seconds:.0f} s (tracking.retry_seconds)" if self.seconds else ""
-        return (f"cannot reach the MLflow tracking server at {self.uri} ({self.cause}) while {self.doing}{waited}. "
-                f"{self.advice}")
-
-
-def _short(err: BaseException) -> str:
-    text = " ".join(str(e) for e in _chain(err))
-    for marker, words in (("Connection refused", "connection refused"), ("timed out", "timed out"),
-                          ("Name or service not known", "unknown host"), ("RemoteDisconnected", "connection dropped")):
-        if marker in text:
-            return words
-    return f"{type(err).__name__}: {str(err).splitlines()[0][:160]}" if str(err) else type(err).__name__
-
-
-def _chain(err: BaseException | None):
-    while err is not None:
-        yield err
-        err = err.__cause__ or err.__context__
-
-
-def unreachable(err: BaseException) -> bool:
-    """True for failures that a server coming back would cure: no connection, a timeout, a 502/503/504."""
-    import requests
-
-    for e in _chain(err):
-        if isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
-                          requests.exceptions.RetryError, ConnectionError, TimeoutError)):
-            return True
-        status = getattr(getattr(e, "response", None), "status_code", None)
-        if status in (502, 503, 504) or (isinstance(e, mlflow.exceptions.MlflowException)
-                                         and e.get_http_status_code() in (502, 503, 504)):
-            return True
-    return False
 
 
 @contextlib.contextmanager
@@ -138,34 +94,21 @@ class Patient:
         while True:
             try:
                 with _short_http_retries():
-                    return fn(*args, **kwargs)
+                    result = fn(*args, **kwargs)
+                if told:
+                    print(f"fedtune: the tracking server at {tracking_uri()} answers again", file=self.out, flush=True)
+                return result
             except Exception as err:
                 if not unreachable(err):
                     raise
                 if time.monotonic() + pause > deadline:
                     raise TrackingUnavailable(tracking_uri(), doing, self.seconds, err) from err
                 if not told:
-                    print(f"fedtune: the tracking server at {tracking_uri()} does not answer ({_short(err)}); "
+                    print(f"fedtune: the tracking server at {tracking_uri()} does not answer ({short(err)}); "
                           f"retrying for up to {self.seconds:.0f} s", file=self.out, flush=True)
                     told = True
             time.sleep(pause)
             pause = min(2 * pause, 10.0)
-
-
-def probe(uri: str, attempts: int = 3) -> None:
-    """Fail in seconds, before any data or model is loaded, when an HTTP tracking server cannot be reached."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    import requests
-
-    for attempt in range(attempts):
-        try:
-            requests.get(uri.rstrip("/") + "/health", timeout=5)  # any answer will do: the server is there
-            return
-        except requests.exceptions.RequestException as err:
-            if attempt == attempts - 1:
-                raise TrackingUnavailable(uri, "checking it before the run", 0, err) from err
-            time.sleep(0.5 * (attempt + 1))
 
 
 def patient_client(retry_seconds: float) -> Patient:
@@ -201,7 +144,6 @@ def run_tags(study, extra: dict[str, str] | None = None) -> dict[str, str]:
     from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
     commit = git_commit()
-    task = study.task
     return {
         **resolve_tags(),  # MLflow's own: mlflow.user, mlflow.source.name and .type, which its UI shows
         **({MLFLOW_GIT_COMMIT: commit} if commit != "unknown" else {}),
@@ -214,7 +156,7 @@ def run_tags(study, extra: dict[str, str] | None = None) -> dict[str, str]:
         "dataset.fingerprint": study.task.fingerprint,
         "split.fingerprint": study.split_fingerprint,
         # the rows the run used, whatever data.max_samples says (a prepared task is used whole)
-        **{f"data.{split}_rows": str(len(getattr(task, split))) for split in ("train", "validation", "test")},
+        **{f"data.{split}_rows": str(len(getattr(study.task, split))) for split in ("train", "validation", "test")},
         **(extra or {}),
     }
 
@@ -272,12 +214,10 @@ class Metrics:
     def log(self, name: str, values: dict[str, float], step: int) -> None:
         self._send(self.work.hold(name, values, step), values, step)
 
-    def flush(self) -> int:
-        """Send what an earlier process held back; returns how many batches there were."""
-        held = self.work.held()
-        for path, values, step in held:
+    def flush(self) -> None:
+        """Send what an earlier process held back."""
+        for path, values, step in self.work.held():
             self._send(path, values, step)
-        return len(held)
 
     def _send(self, held: Path, values: dict[str, float], step: int) -> None:
         fresh = {k: v for k, v in values.items() if (k, step) not in self.logged}

@@ -88,16 +88,10 @@ def train(
     recorded = {**dataref.tags(config.data.source), **(tags or {})}  # so that evaluate finds the data from anywhere
     run_id = resume or tracking.start_run(client, study, run_name, tracking.run_tags(study, recorded), parent_run_id)
     work = WorkDir(tracking.tracking_uri(), run_id)
-    metrics = tracking.Metrics(client, run_id, work)
     if resume:
-        _check_same_split(client, run_id, study)
-        client.update_run(run_id, status="RUNNING")
-        client.delete_tag(run_id, "failure_reason") if "failure_reason" in client.get_run(run_id).data.tags else None
-        tracking.claim(client, run_id)
-        metrics.logged = tracking.logged_points(client, run_id)
-        metrics.flush()
-        if from_round is None:  # a kill between an upload and its pruning leaves one checkpoint too many
-            tracking.prune_checkpoints(client, run_id, start.history, config.fl.keep_checkpoints)
+        metrics = _reopen(client, run_id, study, start, work, from_round)
+    else:
+        metrics = tracking.Metrics(client, run_id, work)
     print(f"fedtune: run {run_id} ({run_name}) on {study.where.device}; "
           f"{len(study.task.train.texts)} training texts over {config.fl.num_clients} clients", file=out, flush=True)
     tracker = tracking.MlflowCallback(metrics, config.fl.keep_checkpoints)
@@ -116,6 +110,22 @@ def train(
     result = TrainResult(run_id, history, test, registered, version, float(np.bincount(labels).max() / len(labels)))
     _print_summary(result, config, out)
     return result
+
+
+def _reopen(client, run_id: str, study: Study, start: checkpoint.Checkpoint, work: WorkDir,
+            from_round: int | None) -> tracking.Metrics:
+    """Take a resumed run back: same split, RUNNING again and owned by this process, with what an earlier process
+    held back sent now; its metrics logger knows every point the run holds, so a rerun round adds none twice."""
+    _check_same_split(client, run_id, study)
+    client.update_run(run_id, status="RUNNING")
+    if "failure_reason" in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, "failure_reason")
+    tracking.claim(client, run_id)
+    metrics = tracking.Metrics(client, run_id, work, tracking.logged_points(client, run_id))
+    metrics.flush()
+    if from_round is None:  # a kill between an upload and its pruning leaves one checkpoint too many
+        tracking.prune_checkpoints(client, run_id, start.history, study.config.fl.keep_checkpoints)
+    return metrics
 
 
 def _fail(client, run_id: str, work: WorkDir, err: BaseException) -> None:
@@ -164,8 +174,9 @@ def _resume_point(client, run_id: str, from_round: int | None, executor, out) ->
             offer = (f"The previous good checkpoint is round {earlier}: continue from it with `fedtune train --resume "
                      f"{run_id} --from-round {earlier}`." if earlier else
                      "No earlier checkpoint of the run is intact; start a new run.")
-            raise ConfigError(f"--resume {run_id}: the checkpoint of round {chosen} is damaged: "
-                              f"checkpoints/{checkpoint.folder_name(chosen)}/{err.file} {err.problem}. {offer}") from err
+            damaged = f"checkpoints/{checkpoint.folder_name(chosen)}/{err.file}"
+            raise ConfigError(f"--resume {run_id}: the checkpoint of round {chosen} is damaged: {damaged} "
+                              f"{err.problem}. {offer}") from err
 
 
 def _intact(client, run_id: str, round_: int, into: Path) -> bool:

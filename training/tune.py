@@ -98,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
         from training.partition import load_split
 
         split = load_split(Path(args.split))
+    from training import preflight  # bad data, split or model fails here: before torch loads or a study starts
+
+    preflight.check(config, split, f"--split {args.split}")
     result = tune(config, split)
     print_summary(result, config)
     t = result.tally
