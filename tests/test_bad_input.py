@@ -133,6 +133,7 @@ def test_bad_input_is_refused_before_torch_and_transformers_load(bad, store):
     """Every case in a fresh interpreter: refused with exit code 2, and neither library was ever imported."""
     cases = [(fedtune_train(*bad(args)), expected) for args, expected in CASES]
     cases += [(["tune", *sets(*TINY), *bad(args)], expected) for args, expected in TUNE_CASES]
+    cases += [(fedtune_train("--workers", "2", *sets("fl.seed=-3")), "fl.seed")]  # refused before torchrun starts
     commands = [command for command, _ in cases]
     package = {"PYTHONPATH": str(Path(training.__file__).resolve().parents[1])}  # this checkout's, from any folder
     done = subprocess.run([sys.executable, "-c", CHECK_ALL, json.dumps(commands)], capture_output=True, text=True,

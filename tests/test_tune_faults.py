@@ -5,7 +5,6 @@ except for the outage's own 20 s."""
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,12 +27,6 @@ def own_postgres():
     """A PostgreSQL server these drills may stop: never the shared one of the other tests (or CI's)."""
     with postgres_server() as server:
         yield server
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]  # free now, and nothing listens on it
 
 
 def with_password(url: str) -> str:
@@ -90,8 +83,8 @@ def reported(round_: int):
     ("optuna.db", "not a database URL"),
     ("postgresql+psycopg://postgres:s3cret-pw@127.0.0.1:{port}/optuna", "cannot connect (connection failed"),
 ])
-def test_bad_storage_fails_in_one_line_before_loading_anything(storage, problem, store, tmp_path):
-    storage = storage.format(port=closed_port())
+def test_bad_storage_fails_in_one_line_before_loading_anything(storage, problem, store, tmp_path, free_port):
+    storage = storage.format(port=free_port)  # nothing listens there
     # the command line in a fresh interpreter, which then says which heavy libraries it had loaded
     code = ("import sys; from training import cli; code = cli.main(sys.argv[1:]); "
             "print('loaded:', [m for m in ('torch', 'transformers', 'mlflow') if m in sys.modules]); sys.exit(code)")

@@ -156,7 +156,7 @@ def run_tags(study, extra: dict[str, str] | None = None) -> dict[str, str]:
         "dataset.fingerprint": study.task.fingerprint,
         "split.fingerprint": study.split_fingerprint,
         # the rows the run used, whatever data.max_samples says (a prepared task is used whole)
-        **{f"data.{split}_rows": str(len(getattr(study.task, split))) for split in ("train", "validation", "test")},
+        **{f"data.{name}_rows": str(len(getattr(study.task, name))) for name in ("train", "validation", "test")},
         **(extra or {}),
     }
 
@@ -279,8 +279,9 @@ def download_checkpoint(client: MlflowClient, run_id: str, round_: int, into: Pa
     return Path(client.download_artifacts(run_id, f"checkpoints/{checkpoint.folder_name(round_)}", str(into)))
 
 
-def prune_checkpoints(client: Patient, run_id: str, history: list[dict], keep_last: int) -> list[int]:
-    """Delete the run's checkpoint folders that ``checkpoint.to_keep`` drops; returns the deleted rounds."""
+def prune_checkpoints(client: Patient, run_id: str, history: list[dict], keep_last: int) -> None:
+    """Delete the run's checkpoint folders that ``checkpoint.to_keep`` drops (the artifact repository's delete works
+    on a local artifact root and through ``mlflow server --serve-artifacts``)."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     folders = {checkpoint.round_of(f.path): f.path for f in client.list_artifacts(run_id, "checkpoints") if f.is_dir}
@@ -289,7 +290,6 @@ def prune_checkpoints(client: Patient, run_id: str, history: list[dict], keep_la
         repo = get_artifact_repository(client.get_run(run_id).info.artifact_uri)
         for round_ in drop:
             client.call(repo.delete_artifacts, folders[round_], doing="deleting an old checkpoint")
-    return drop
 
 
 def finish(client: MlflowClient, run_id: str, ok: bool, reason: str = "") -> None:
