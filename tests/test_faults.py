@@ -26,7 +26,7 @@ from training.train import train
 from training.workdir import WorkDir
 
 # Enough data that a round takes a few seconds, so a kill right after round 1's checkpoint lands in round 2's training.
-SLOW = [*TINY, "data.max_samples=1500", "fl.num_clients=4", "fl.rounds=3", "tracking.log_model=false"]
+SLOW = [*TINY, "data.max_samples=900", "fl.num_clients=4", "fl.rounds=3", "tracking.log_model=false"]
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 
 

@@ -81,19 +81,34 @@ def rdb_storage(url: str, interval: int, on_stale):
     from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
     engine_kwargs = {"pool_pre_ping": True, "connect_args": connect_args(url)}  # a pooled connection may be stale
+    probe(url, engine_kwargs)
     for attempt in range(TABLE_RACE_TRIES):
         try:
             with quiet():
                 return patient_rdb_storage()(url, patience=interval, engine_kwargs=engine_kwargs,
                                              heartbeat_interval=interval, grace_period=2 * interval,
                                              heartbeat_stale_trial_callback=on_stale)
-        except (IntegrityError, ProgrammingError):
-            # workers starting together on a fresh database race to create Optuna's tables; the losers retry
+        except (IntegrityError, OperationalError, ProgrammingError):
+            # workers starting together on a fresh database race to create Optuna's tables (a duplicate, or a
+            # deadlock PostgreSQL breaks by failing one of them); the losers retry
             if attempt == TABLE_RACE_TRIES - 1:
                 raise
             time.sleep(1)
-        except OperationalError as err:
-            raise storage_error(url, f"cannot connect ({first_line(err.orig or err)})") from err
+
+
+def probe(url: str, engine_kwargs: dict) -> None:
+    """One connection, so that a database that cannot be reached is told apart from a race over its tables."""
+    import sqlalchemy
+    from sqlalchemy.exc import OperationalError
+
+    engine = sqlalchemy.create_engine(url, **engine_kwargs)
+    try:
+        with engine.connect():
+            pass
+    except OperationalError as err:
+        raise storage_error(url, f"cannot connect ({first_line(err.orig or err)})") from err
+    finally:
+        engine.dispose()
 
 
 def connect_args(url: str) -> dict:

@@ -100,7 +100,8 @@ def train(
         test = evaluate(study.model, study.encoded["test"], study.collate, config.runtime.eval_batch_size,
                         study.where)
         metrics.log("test", {f"test_{k}": v for k, v in test.items()}, history.rounds[-1]["round"])
-        version = tracking.log_model(client, run_id, study, registered) if config.tracking.log_model else None
+        version = client.call(tracking.log_model, client, run_id, study, registered,
+                              doing="logging the model") if config.tracking.log_model else None
     except BaseException as err:  # NaN loss, Ctrl-C, an outage, any failure: mark the run FAILED, keep checkpoints
         _fail(client, run_id, work, err)
         raise
