@@ -319,6 +319,9 @@ def sweep(client: MlflowClient, out=None) -> list[str]:
         if not owner_gone(run.data.tags):
             continue
         run_id, work = run.info.run_id, WorkDir(tracking_uri(), run.info.run_id)
+        if "optuna.trial" in run.data.tags:  # tune's heartbeat fails and reruns a dead worker's trial; never resumed
+            shutil.rmtree(work.path, ignore_errors=True)
+            continue
         reason = work.failure() or (f"process {run.data.tags.get('fedtune.pid')} on host {host} ended without "
                                     f"finishing (killed?); resume with `fedtune train --resume {run_id}`")
         finish(client, run_id, ok=False, reason=reason)
