@@ -226,6 +226,10 @@ def wait_for_running(study, interval: int, out) -> None:
         time.sleep(min(interval, POLL_SECONDS))
 
 
+# Settings of how a run is kept, not of what it learns: a study's trials stay comparable whatever they are.
+BOOKKEEPING = ("fl.checkpoint_every", "fl.keep_checkpoints")
+
+
 def setup(config: Config, data_fingerprint: str, split=None) -> dict:
     """What decides a trial's accuracy besides its sampled values: the data (by content), the clients' split, the
     model and every client and FL setting outside the search space, the space and the objective. Trials of one study
@@ -238,7 +242,7 @@ def setup(config: Config, data_fingerprint: str, split=None) -> dict:
     flat = config.flat()
     sections = ("model", "client", "fl") if split is not None else ("model", "partition", "client", "fl")
     shared = {k: v for k, v in flat.items()
-              if k.split(".")[0] in sections and k not in config.tune.space and k != "fl.checkpoint_every"}
+              if k.split(".")[0] in sections and k not in config.tune.space and k not in BOOKKEEPING}
     shared["data.fingerprint"] = data_fingerprint
     if split is not None:
         shared["split.fingerprint"] = partition.fingerprint(split)
