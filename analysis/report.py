@@ -53,12 +53,12 @@ def load_runs(client, ids: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
                  "scheme": run.data.params["partition.scheme"], "clients": int(run.data.params["fl.num_clients"])}
         for metric in (*ACCURACY, *DIVERGENCE):
             rounds += [{**point, "round": m.step, "metric": metric, "value": m.value}
-                       for m in client.get_metric_history(run_id, metric)]
+                       for m in client.get_metric_history(run_id, tracking.metric_key(metric))]
         accuracy = [r["value"] for r in rounds if r["run_id"] == run_id and r["metric"] == "val_accuracy"]
         runs.append({**point, "rounds": len(accuracy), "val_accuracy_best": max(accuracy, default=math.nan),
                      "lr": f"{float(run.data.params['client.lr']):.3g}",  # tuned values differ by K (study.tune)
                      "local_epochs": int(run.data.params["client.local_epochs"]),
-                     **{m: run.data.metrics.get(m, math.nan) for m in FINAL}})
+                     **{m: run.data.metrics.get(tracking.metric_key(m), math.nan) for m in FINAL}})
     return pd.DataFrame(runs), pd.DataFrame(rounds)
 
 

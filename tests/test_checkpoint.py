@@ -100,7 +100,7 @@ def test_resume_from_a_damaged_checkpoint_offers_the_previous_good_round(tiny, s
     assert f"--resume {run_id} --from-round 1" in message
 
     result = train(cfg, resume=run_id, from_round=1)
-    assert [m.step for m in client.get_metric_history(run_id, "val_accuracy")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(run_id, "global/val_accuracy")] == [1, 2, 3]
     assert result.history.rounds[-1]["round"] == 3 and client.get_run(run_id).info.status == "FINISHED"
 
 

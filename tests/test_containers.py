@@ -75,7 +75,7 @@ def test_image_trains_offline_as_non_root_into_a_bind_mounted_store(engine, tmp_
     store = MlflowClient(f"sqlite:///{workspace}/mlruns/mlflow.db")
     [run] = store.search_runs([store.get_experiment_by_name("fedtune").experiment_id])
     assert run.info.status == "FINISHED", output
-    assert [m.step for m in store.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2]
+    assert [m.step for m in store.get_metric_history(run.info.run_id, "global/val_accuracy")] == [1, 2]
     assert {a.path for a in store.list_artifacts(run.info.run_id, "checkpoints")} >= {"checkpoints/round-002"}
     owners = {(p.stat().st_uid, p.stat().st_gid) for p in files_under(workspace)}
     assert owners == {(uid, uid)}, f"files in the workspace not owned by its user {uid}: {owners}"
@@ -164,7 +164,7 @@ def test_stack_trainer_logs_rounds_and_serves_checkpoints(stack, server, tmp_pat
     [trained] = [run for run in runs(server) if "mlflow.parentRunId" not in run.data.tags
                  and not run.data.tags.get("optuna.study")]
     assert trained.info.status == "FINISHED", stack.trained.stdout + stack.trained.stderr
-    assert [m.step for m in server.get_metric_history(trained.info.run_id, "val_accuracy")] == [1, 2]
+    assert [m.step for m in server.get_metric_history(trained.info.run_id, "global/val_accuracy")] == [1, 2]
     # Artifacts go through the server (--serve-artifacts), not a path the client would have to share.
     assert trained.info.artifact_uri.startswith("mlflow-artifacts:")
     downloaded = Path(server.download_artifacts(trained.info.run_id, "checkpoints/round-002", str(tmp_path)))

@@ -54,13 +54,13 @@ def test_two_gloo_workers_match_one_process(store, tmp_path):
     worst = max(float((weights["one"][k] - weights["two"][k]).abs().max()) for k in weights["one"])
     assert worst <= TOLERANCE, worst
 
-    for metric in ["val_accuracy", "val_macro_f1", "train_loss", "client_000/train_loss", "client_003/samples",
-                   "client_002/update_norm"]:
+    for metric in ["global/val_accuracy", "global/val_macro_f1", "global/train_loss", "local/client_000/train_loss",
+                   "local/client_003/samples", "local/client_002/update_norm"]:
         a = [m.value for m in client.get_metric_history(runs["one"], metric)]
         b = [m.value for m in client.get_metric_history(runs["two"], metric)]
         assert len(a) == len(b) == 2 and all(abs(x - y) <= 1e-5 for x, y in zip(a, b)), (metric, a, b)
-    assert client.get_run(runs["two"]).data.metrics["workers"] == 2
-    assert 0.0 <= client.get_run(runs["two"]).data.metrics["idle_share"] < 1.0
+    assert client.get_run(runs["two"]).data.metrics["global/round/workers"] == 2
+    assert 0.0 <= client.get_run(runs["two"]).data.metrics["global/round/idle_share"] < 1.0
 
 
 def test_a_killed_worker_fails_the_run_and_resume_with_one_worker_finishes(store, tmp_path):
@@ -95,7 +95,7 @@ def test_a_killed_worker_fails_the_run_and_resume_with_one_worker_finishes(store
     resumed = subprocess.run(fedtune("--resume", run_id), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert client.get_run(run_id).info.status == "FINISHED"
-    assert sorted({m.step for m in client.get_metric_history(run_id, "val_accuracy")}) == [1, 2, 3, 4]
+    assert sorted({m.step for m in client.get_metric_history(run_id, "global/val_accuracy")}) == [1, 2, 3, 4]
     final = load_file(client.download_artifacts(run_id, "checkpoints/round-004/model.safetensors", str(tmp_path)))
     assert all(torch.isfinite(v).all() for v in final.values())
 
@@ -110,4 +110,4 @@ def test_two_nodes_meet_at_a_rendezvous_endpoint(store, free_port):
     assert first.returncode == 0 and second.returncode == 0, (err[-2000:], second.stderr[-2000:])
     assert "worker 0/2" in err + second.stderr and "worker 1/2" in err + second.stderr
     (run_id,) = re.findall(r"fedtune: run ([0-9a-f]{32})", out + second.stdout)  # only the main worker tracks
-    assert MlflowClient(store).get_run(run_id).data.metrics["workers"] == 2
+    assert MlflowClient(store).get_run(run_id).data.metrics["global/round/workers"] == 2

@@ -98,7 +98,7 @@ def test_kill_9_at_each_phase_of_a_round_then_resume_is_exact(store, tmp_path):
     run_id = announced(proc)
     wait_until(lambda: tracking.checkpoint_rounds(client, run_id) == [1], proc, "round 1's checkpoint upload")
     kill(proc)
-    assert [s for s, _ in metric_points(client, run_id)["val_accuracy"]] == [1]  # the kill landed in round 2
+    assert [s for s, _ in metric_points(client, run_id)["global/val_accuracy"]] == [1]  # the kill landed in round 2
     assert client.get_run(run_id).info.status == "RUNNING"
     # the next `fedtune train` (here the sweep it starts with) marks it FAILED and removes its work directory
     assert tracking.sweep(client) == [run_id]
@@ -217,7 +217,7 @@ def test_a_60_s_tracking_outage_mid_round_is_waited_out(server):
     client = MlflowClient(server.uri)
     assert client.get_run(run_id).info.status == "FINISHED"
     points = metric_points(client, run_id)
-    assert all([s for s, _ in p] == ([3] if k.startswith("test_") else [1, 2, 3]) for k, p in points.items())
+    assert all([s for s, _ in p] == ([3] if k.startswith("global/test_") else [1, 2, 3]) for k, p in points.items())
     assert not WorkDir(server.uri, run_id).path.exists()
 
 
@@ -239,10 +239,10 @@ def test_an_outage_longer_than_the_retry_window_fails_cleanly_and_resume_sends_w
     assert f"run {run_id} marked FAILED: the tracking server at {server.uri} stopped answering" in resumed.stdout
     assert client.get_run(run_id).info.status == "FINISHED"
     points = metric_points(client, run_id)
-    assert all([s for s, _ in p] == ([3] if k.startswith("test_") else [1, 2, 3]) for k, p in points.items())
+    assert all([s for s, _ in p] == ([3] if k.startswith("global/test_") else [1, 2, 3]) for k, p in points.items())
     assert not work.path.exists()
     # retention deleted through the server's artifact proxy (mlflow-artifacts:/) too
-    history = [{"round": s, "val_accuracy": v} for s, v in points["val_accuracy"]]
+    history = [{"round": s, "val_accuracy": v} for s, v in points["global/val_accuracy"]]
     kept = {checkpoint.round_of(f.path) for f in client.list_artifacts(run_id, "checkpoints")}
     assert kept == checkpoint.to_keep([1, 2, 3], history, 1) and len(kept) < 3
 

@@ -47,3 +47,20 @@ def test_the_logged_model_is_named_after_the_registered_model(tiny, store):
     assert logged.name == result.registered_name == "empythy-tiny-bert"
     # runs:/RUN_ID/<name> finds it, as MLflow's own clients address a run's model
     assert "MLmodel" in mlflow.artifacts.download_artifacts(f"runs:/{result.run_id}/{logged.name}/MLmodel")
+
+
+def ui_sections(keys) -> list[str]:
+    """The chart sections of a run's metrics in the order MLflow 3's UI shows them: named by what precedes the last
+    '/', sorted by name, then the unprefixed metrics under "Model metrics" (getBaseChartAndSectionConfigs in
+    mlflow/server/js; docs/mlflow-metric-sections.png is that page)."""
+    named = sorted({key.rsplit("/", 1)[0] for key in keys if "/" in key})
+    return named + (["Model metrics"] if any("/" not in key for key in keys) else [])
+
+
+def test_the_runs_own_metrics_chart_before_any_clients(tiny, store):
+    metrics = MlflowClient(store).get_run(train(tiny("tracking.log_model=false")).run_id).data.metrics
+    assert ui_sections(metrics) == ["global", "global/round", "global/updates", "local/client_000", "local/client_001",
+                                    "local/client_002"]
+    first = sorted(key for key in metrics if key.rsplit("/", 1)[0] == "global")  # the first section, in chart order
+    assert first == ["global/test_accuracy", "global/test_loss", "global/test_macro_f1", "global/train_loss",
+                     "global/val_accuracy", "global/val_loss", "global/val_macro_f1"]

@@ -29,13 +29,15 @@ def test_run_is_readable_from_mlflow(tiny, store):
         assert run.data.tags[tag]
 
     for metric in ("val_accuracy", "val_macro_f1", "val_loss", "train_loss", "round_seconds", "upload_bytes_per_client"):
-        assert [m.step for m in client.get_metric_history(result.run_id, metric)] == [1, 2], metric
+        key = tracking.metric_key(metric)
+        assert [m.step for m in client.get_metric_history(result.run_id, key)] == [1, 2], key
     for c in range(3):
         for metric in ("train_loss", "samples", "steps", "update_norm", "update_cosine"):
-            history = client.get_metric_history(result.run_id, f"client_{c:03d}/{metric}")
+            history = client.get_metric_history(result.run_id, f"local/client_{c:03d}/{metric}")
             assert [m.step for m in history] == [1, 2], (c, metric)
-    assert sum(client.get_metric_history(result.run_id, f"client_{c:03d}/samples")[0].value for c in range(3)) == 240
-    assert run.data.metrics["test_accuracy"] == result.test["accuracy"]
+    assert sum(client.get_metric_history(result.run_id, f"local/client_{c:03d}/samples")[0].value
+               for c in range(3)) == 240
+    assert run.data.metrics["global/test_accuracy"] == result.test["accuracy"]
 
     checkpoints = [f.path for f in client.list_artifacts(result.run_id, "checkpoints")]
     assert checkpoints == ["checkpoints/round-001", "checkpoints/round-002"]

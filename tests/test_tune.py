@@ -203,7 +203,7 @@ def test_study_reads_back_from_mlflow(small_study):
         assert (child.data.tags["optuna.state"], child.info.status) == states[trial.state]
         assert float(child.data.params["client.lr"]) == pytest.approx(trial.params["client.lr"])
         assert child.data.params["client.local_epochs"] == str(trial.params["client.local_epochs"])
-        accuracy = client.get_metric_history(child.info.run_id, "val_accuracy")
+        accuracy = client.get_metric_history(child.info.run_id, "global/val_accuracy")
         assert {m.step: m.value for m in accuracy} == trial.intermediate_values
 
 

@@ -34,6 +34,21 @@ STORE = Path("mlruns")
 BATCH = 1000  # MLflow's limit of metrics per log_batch call
 
 
+def metric_key(name: str, client: int | None = None) -> str:
+    """The MLflow key of a metric of the run (``global/val_accuracy``) or of one client (``local/client_003/samples``).
+
+    MLflow's UI charts a run's metrics in sections named by what precedes the last '/', sorted by name, the
+    unprefixed ones last. These sections read in this order: the global model's quality (``global``), what each
+    round took (``global/round``: seconds, bytes, cohort, workers), how far the clients' updates pulled apart
+    (``global/updates``), then each client (``local/client_NNN``).
+    """
+    if client is not None:
+        return f"local/client_{client:03d}/{name}"
+    if name.startswith(("val_", "test_", "train_")):
+        return f"global/{name}"
+    return f"global/{'updates' if name.startswith('update_') else 'round'}/{name}"
+
+
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or store.uri(STORE)
 
@@ -242,10 +257,9 @@ class MlflowCallback(Callback):
 
     def after_round(self, round_, metrics, clients) -> bool:
         _drill_point("computed", round_)
-        per_client = {
-            f"client_{c['client']:03d}/{k}": v for c in clients for k, v in c.items() if k != "client"
-        }
-        self.metrics.log(f"round-{round_:03d}", {**metrics, **per_client}, round_)
+        run_level = {metric_key(k): v for k, v in metrics.items()}
+        per_client = {metric_key(k, c["client"]): v for c in clients for k, v in c.items() if k != "client"}
+        self.metrics.log(f"round-{round_:03d}", {**run_level, **per_client}, round_)
         _drill_point("logged", round_)
         return False
 

@@ -99,7 +99,7 @@ def train(
         history, _ = rounds.run(study, (tracker, _Printer(out), *callbacks), work.checkpoints, start, executor)
         test = evaluate(study.model, study.encoded["test"], study.collate, config.runtime.eval_batch_size,
                         study.where)
-        metrics.log("test", {f"test_{k}": v for k, v in test.items()}, history.rounds[-1]["round"])
+        metrics.log("test", {tracking.metric_key(f"test_{k}"): v for k, v in test.items()}, history.rounds[-1]["round"])
         version = client.call(tracking.log_model, client, run_id, study, registered,
                               doing="logging the model") if config.tracking.log_model else None
     except BaseException as err:  # NaN loss, Ctrl-C, an outage, any failure: mark the run FAILED, keep checkpoints
