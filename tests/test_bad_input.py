@@ -134,6 +134,8 @@ def test_bad_input_is_refused_before_torch_and_transformers_load(bad, store):
     cases = [(fedtune_train(*bad(args)), expected) for args, expected in CASES]
     cases += [(["tune", *sets(*TINY), *bad(args)], expected) for args, expected in TUNE_CASES]
     cases += [(fedtune_train("--workers", "2", *sets("fl.seed=-3")), "fl.seed")]  # refused before torchrun starts
+    cases += [(["evaluate", "models:/any@candidate", *sets(value)], expected)  # before MLflow and torch load too
+              for value, expected in (("fl.rounds=0", "fl.rounds"), ("client.nope=1", "client.nope"))]
     commands = [command for command, _ in cases]
     package = {"PYTHONPATH": str(Path(training.__file__).resolve().parents[1])}  # this checkout's, from any folder
     done = subprocess.run([sys.executable, "-c", CHECK_ALL, json.dumps(commands)], capture_output=True, text=True,

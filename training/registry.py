@@ -404,11 +404,16 @@ def add_evaluate(parser: argparse.ArgumentParser) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from training import tracking
-    from training.cli import write_json
+    from training.config import parse_overrides
 
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size}: must be >= 1")
+    # Syntax, keys, types and ranges of --set, checked on the defaults before MLflow and torch load; the run's own
+    # config is checked again once it is fetched.
+    Config().override(**parse_overrides(args.overrides))
+    from training import tracking
+    from training.cli import write_json
+
     client = tracking.connect()
     target = resolve(client, args.model)
     write_json(args.out, evaluate(client, target, args.split, args.data, args.overrides, args.batch_size))
