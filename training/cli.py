@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from training import __version__, launch, registry, tune
+from training import __version__, launch, registry
 from training.config import ConfigError
 from training.optuna_storage import StorageUnavailable
 from training.prepare import add_partition, add_prepare, run_partition, run_prepare
@@ -34,12 +34,13 @@ def load_config(args: argparse.Namespace):
     return config.load(path, [*config.read_override_files(args.set_file), *args.overrides])
 
 
-def load_inputs(args: argparse.Namespace):
-    """The config and the ``--split`` file, checked against the data and the model's config.json.
+def load_inputs(args: argparse.Namespace, cfg=None):
+    """The config (``cfg``, else read from the options) and the ``--split`` file, checked against the data and the
+    model's config.json.
 
-    Torch and transformers are not imported, so bad input fails in seconds and before any run is created.
+    Torch and transformers are not imported, so bad input fails in seconds and before any run or study starts.
     """
-    cfg = load_config(args)
+    cfg = cfg or load_config(args)
     from training.partition import load_split
 
     split = load_split(Path(args.split)) if args.split else None
@@ -134,6 +135,118 @@ def start_workers(args: argparse.Namespace, argv: list[str]) -> int:
     return subprocess.call(command)
 
 
+# tune ----------------------------------------------------------------------------------------------------------------
+def add_tune(parser: argparse.ArgumentParser) -> None:
+    add_config_options(parser)
+    parser.add_argument("--split", metavar="FILE", help="client split JSON from `fedtune partition` for every trial "
+                        "(default: partition the training set by the partition.* config)")
+    parser.add_argument("--storage", metavar="URL", help="Optuna RDB URL shared by workers on many machines, e.g. "
+                        "postgresql+psycopg://user@host:5432/optuna or sqlite:///optuna.db (default: tune.storage; "
+                        "empty = the journal file mlruns/optuna/journal.log, for workers on this machine)")
+    parser.add_argument("--study-name", metavar="NAME", help="study to launch or join (default: tune.study_name; "
+                        "empty = TASK-MODEL-K<num_clients>-<hash of the setup>, so a changed setup gets a new study)")
+    parser.add_argument("--trials", type=int, metavar="N", help="finished (complete or pruned) trials the study should "
+                        "reach, counted over all its workers and earlier runs: rerunning after a crash runs only the "
+                        "remainder, a higher N extends the study (default: tune.trials)")
+    parser.add_argument("--best-out", metavar="FILE", help="write the best params as a flat YAML mapping "
+                        "(client.lr: ...), for `fedtune train --set-file FILE`")
+    parser.add_argument("--summary-out", metavar="FILE", help="write the study's standing as JSON (trials complete, "
+                        "pruned and failed, rounds saved, best value and params, parent run): DVC metrics")
+    parser.add_argument("--enabled", choices=("true", "false"), default="true",
+                        help="false: run no study and write an empty --best-out, so `fedtune train --set-file FILE` "
+                             "keeps its config; lets dvc.yaml switch tuning off (study.tune) without changing its "
+                             "graph (default: true)")
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from training.tune import print_summary, tune, write_best
+
+    flags = {"tune.storage": args.storage, "tune.study_name": args.study_name, "tune.trials": args.trials}
+    config = load_config(args).override(**{k: v for k, v in flags.items() if v is not None})
+    if args.enabled == "false":
+        if not args.best_out:
+            raise ConfigError("--enabled false runs no study and only writes --best-out FILE; name that file")
+        write_best(Path(args.best_out), {}, "tuning is off (`fedtune tune --enabled false`, study.tune in "
+                   "params.yaml): no overrides, so `fedtune train --set-file` keeps its config")
+        write_json(args.summary_out, {"tuned": False})
+        print(f"tuning is off: wrote {args.best_out} with no overrides; no study was run")
+        return 0
+    _, split = load_inputs(args, config)
+    result = tune(config, split)
+    print_summary(result, config)
+    t = result.tally
+    write_json(args.summary_out, {
+        "tuned": True, "study": result.study_name, "parent_run_id": result.parent_run_id,
+        "trials_complete": t.complete, "trials_pruned": t.pruned, "trials_failed": t.failed,
+        "rounds_saved": t.rounds_saved, "best_value": t.best_value, "best_trial": t.best_trial,
+        "best_params": t.best_params, "worker_seconds": round(result.seconds, 1)})
+    if result.tally.best_value is None:
+        print("fedtune: error: no trial completed, so there are no best params", file=sys.stderr)
+        return 1
+    if args.best_out:
+        t = result.tally
+        write_best(Path(args.best_out), t.best_params,
+                   f"best params of Optuna study {result.study_name} (trial {t.best_trial}: validation accuracy "
+                   f"{t.best_value:.4f}, {config.tune.objective} round, of {t.finished} finished trials); "
+                   f"from `fedtune tune`, for `fedtune train --set-file`")
+        print(f"best params written to {args.best_out}; use them with `fedtune train --set-file {args.best_out}`")
+    return 0
+
+
+# evaluate and promote ------------------------------------------------------------------------------------------------
+def add_evaluate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help=f"the model to evaluate: {registry.REF_FORMS}")
+    parser.add_argument("--split", choices=registry.SPLITS, default="test",
+                        help="which split of the task (default: test)")
+    parser.add_argument("--data", metavar="SOURCE", help="evaluate on this data.source instead of the one the model "
+                        "was trained on (a prepared task folder, a file, pkg://... or a hub id); by default the run's "
+                        "data is looked for where it was, then at the same place in this git checkout, then here")
+    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                        help="override a data.* setting of the run's config, e.g. --set data.max_samples=0 "
+                             "(repeatable)")
+    parser.add_argument("--batch-size", type=int, metavar="N", help="texts per batch (default: the run's "
+                        "runtime.eval_batch_size)")
+    parser.add_argument("--out", metavar="FILE", help="write the scores and the per-class report as JSON")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from training import config
+
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size}: must be >= 1")
+    # Syntax, keys, types and ranges of --set, checked on the defaults before MLflow and torch load; the run's own
+    # config is checked again once it is fetched.
+    config.Config().override(**config.parse_overrides(args.overrides))
+    from training import tracking
+
+    client = tracking.connect()
+    target = registry.resolve(client, args.model)
+    scores = registry.evaluate(client, target, args.split, args.data, args.overrides, args.batch_size)
+    write_json(args.out, scores)
+    return 0
+
+
+def add_promote(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="NAME", help="registered model name, e.g. empythy-tiny-bert")
+    parser.add_argument("--version", metavar="V", help="the version to promote (default: the one holding --from)")
+    parser.add_argument("--from", dest="from_alias", metavar="ALIAS", default="candidate",
+                        help="alias whose version is promoted when --version is not given (default: candidate)")
+    parser.add_argument("--alias", default="champion", help="the alias to move (default: champion)")
+    parser.add_argument("--split", choices=registry.SPLITS, default="test", help="split the versions are compared on "
+                        "(default: test)")
+    parser.add_argument("--metric", choices=registry.METRICS, default="accuracy",
+                        help="score compared (default: accuracy)")
+
+
+def run_promote(args: argparse.Namespace) -> int:
+    from training import tracking
+
+    # a declined promotion is a decision, not an error: exit 0 either way
+    registry.promote(tracking.connect(), args.name, args.version, args.alias, args.from_alias, args.split,
+                     args.metric)
+    return 0
+
+
 # relocate ------------------------------------------------------------------------------------------------------------
 def add_relocate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("store", metavar="STORE", nargs="?",
@@ -166,10 +279,10 @@ COMMANDS = {
     "prepare": (add_prepare, run_prepare, "clean and split one task of the params file into Parquet (DVC stage)"),
     "partition": (add_partition, run_partition, "split a prepared training set over K clients (DVC stage)"),
     "launch": (launch.add_arguments, launch.run, "run a fedtune command inside the fedtune image (Docker), on chosen GPUs"),
-    "tune": (tune.add_arguments, tune.run, "tune client lr and local epochs (Optuna); rerun to resume or add workers"),
-    "evaluate": (registry.add_evaluate, registry.run_evaluate, "evaluate a registered model (or a run's model) on a "
+    "tune": (add_tune, run_tune, "tune client lr and local epochs (Optuna); rerun to resume or add workers"),
+    "evaluate": (add_evaluate, run_evaluate, "evaluate a registered model (or a run's model) on a "
                  "split of its task, logged to MLflow"),
-    "promote": (registry.add_promote, registry.run_promote, "move an alias (champion) to a model version when its "
+    "promote": (add_promote, run_promote, "move an alias (champion) to a model version when its "
                 "evaluation beats the holder's"),
     "relocate": (add_relocate, run_relocate, "make a copied or moved MLflow store read and write its own artifacts "
                  "(run once before `mlflow ui` on the copy)"),

