@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Lints the container files: hadolint on the Dockerfiles, and docker-compose's own validation of the stack as users
-# run it (compose.yaml with compose.override.yaml's GPUs), without GPUs, and as CI runs it (compose.ci.yaml).
+# Lints the Python code with ruff (pyproject.toml's [tool.ruff]: pycodestyle, pyflakes, import order), then the
+# container files: hadolint on the Dockerfiles, and docker-compose's own validation of the stack as users run it
+# (compose.yaml with compose.override.yaml's GPUs), without GPUs, and as CI runs it (compose.ci.yaml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# the locked ruff of the dev extra (scripts/setup.sh): another version may add or drop findings
+.venv/bin/ruff check --quiet .
+echo "lint: ruff finds nothing in the Python code"
 
 if ! command -v docker-compose >/dev/null; then
     apt-get update -qq

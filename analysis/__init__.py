@@ -1,1 +1,1 @@
-"""Analysis of the tracked runs: the paper's figures and tables (``python -m analysis.report``)."""
+"""Analysis of the tracked runs: the paper's figures and tables (``fedtune report``)."""

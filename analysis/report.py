@@ -1,4 +1,4 @@
-"""``python -m analysis.report``: the paper's figures and a results table from the pipeline's tracked runs.
+"""``fedtune report``: the paper's figures and a results table from the pipeline's tracked runs.
 
 The runs are the ones the train stages wrote run records for (``--runs DIR``), read back from MLflow. The figures
 and the table are also logged as artifacts of a summary run tagged ``fedtune.summary=true``.
@@ -6,16 +6,13 @@ and the table are also logged as artifacts of a summary run tagged ``fedtune.sum
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
-from mlflow.exceptions import MlflowException
 
 from training import tracking
 from training.config import ConfigError
@@ -44,11 +41,8 @@ def load_runs(client, ids: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(one row per run with its grid point and final metrics, one row per run, round and per-round metric)."""
     runs, rounds = [], []
     for run_id in ids:
-        try:
-            run = client.get_run(run_id)
-        except MlflowException as err:
-            raise ConfigError(f"run {run_id} is not in the MLflow store at {tracking.tracking_uri()}; set "
-                              "MLFLOW_TRACKING_URI to the store the train stages used, or rerun them") from err
+        run = tracking.get_run(client, run_id, f"run {run_id} is not in the MLflow store at {tracking.tracking_uri()}; "
+                               "set MLFLOW_TRACKING_URI to the store the train stages used, or rerun them")
         point = {"run_id": run_id, "task": run.data.tags["task"], "model": slug(run.data.tags["model"]),
                  "scheme": run.data.params["partition.scheme"], "clients": int(run.data.params["fl.num_clients"])}
         for metric in (*ACCURACY, *DIVERGENCE):
@@ -138,42 +132,18 @@ def log_summary(client, experiment: str, ids: list[str], table: str, paths: list
     return run_id
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", metavar="DIR", type=Path, required=True,
-                        help="folder of `fedtune train --metrics-out` run records; their run ids pick the runs")
-    parser.add_argument("--experiment", required=True, help="MLflow experiment for the summary run")
-    parser.add_argument("--accuracy-rounds", metavar="PNG", type=Path, required=True,
-                        help="validation accuracy per round, a line per client count, a panel per task x model")
-    parser.add_argument("--accuracy-clients", metavar="PNG", type=Path, required=True,
-                        help="final test accuracy against the client count, a line per model, a panel per task")
-    parser.add_argument("--divergence", metavar="PNG", type=Path, required=True,
-                        help="cosine of client updates to their mean per round (mean and min over clients)")
-    parser.add_argument("--table", metavar="MD", type=Path, required=True, help="results table (Markdown)")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        client = tracking.connect()
-        ids = run_ids(args.runs)
-        runs, rounds = load_runs(client, ids)
-    except ConfigError as err:
-        print(f"report: error: {err}", file=sys.stderr)
-        return 2
-    plot_per_round(rounds, ACCURACY, "validation accuracy", args.accuracy_rounds)
-    plot_final(runs, args.accuracy_clients)
-    plot_per_round(rounds, DIVERGENCE, "cosine of client update to mean update\n(solid: mean, dotted: min over clients)",
-                   args.divergence)
-    table = markdown_table(runs)
-    args.table.parent.mkdir(parents=True, exist_ok=True)
-    args.table.write_text(table)
-    paths = [args.accuracy_rounds, args.accuracy_clients, args.divergence, args.table]
-    summary = log_summary(client, args.experiment, ids, table, paths)
-    print(f"report: {len(ids)} runs -> {', '.join(map(str, paths))}; MLflow summary run {summary}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def write_report(runs: Path, experiment: str, accuracy_rounds: Path, accuracy_clients: Path, divergence: Path,
+                 table: Path) -> tuple[list[str], str]:
+    """Draw the figures and write the table of the runs recorded under ``runs``, and log them all to a summary run
+    in ``experiment``; returns (the runs' ids, the summary run's id)."""
+    client = tracking.connect()
+    ids = run_ids(runs)
+    found, rounds = load_runs(client, ids)
+    plot_per_round(rounds, ACCURACY, "validation accuracy", accuracy_rounds)
+    plot_final(found, accuracy_clients)
+    plot_per_round(rounds, DIVERGENCE,
+                   "cosine of client update to mean update\n(solid: mean, dotted: min over clients)", divergence)
+    text = markdown_table(found)
+    table.parent.mkdir(parents=True, exist_ok=True)
+    table.write_text(text)
+    return ids, log_summary(client, experiment, ids, text, [accuracy_rounds, accuracy_clients, divergence, table])

@@ -25,10 +25,10 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.par
 
 from training import config, rounds
 from training.client import train_client
-from training.study import build
+from training.federation import build
 
 
-def study_for(args, num_clients: int):
+def federation_for(args, num_clients: int):
     cfg = config.load(None, [
         f"model.name={args.model}", f"data.source={args.data}", f"data.max_samples={int(args.samples / 0.8)}", f"fl.num_clients={num_clients}",
         "fl.rounds=1", "client.local_epochs=1", f"client.batch_size={args.batch_size}", f"runtime.device={args.device}",
@@ -39,21 +39,21 @@ def study_for(args, num_clients: int):
 
 def centralized_seconds(args) -> float:
     """One epoch over the whole training set, as one client with all the data."""
-    study = study_for(args, 1)
-    everything = np.arange(len(study.task.train.texts))
-    start_state = study.global_state()
+    federation = federation_for(args, 1)
+    everything = np.arange(len(federation.task.train.texts))
+    start_state = federation.global_state()
     _sync()
     tic = time.perf_counter()
-    train_client(study.model, start_state, study.encoded["train"], everything, study.collate, study.config.client,
-                 seed=0, where=study.where, client=0)
+    train_client(federation.model, start_state, federation.encoded["train"], everything, federation.collate,
+                 federation.config.client, seed=0, where=federation.where, client=0)
     _sync()
     return time.perf_counter() - tic
 
 
 def fedavg_seconds(args, num_clients: int) -> tuple[float, dict]:
     """One FedAvg round without the validation pass: sample, train every client, aggregate, server update."""
-    study = study_for(args, num_clients)
-    history, _ = rounds.run(study)
+    federation = federation_for(args, num_clients)
+    history, _ = rounds.run(federation)
     r = history.rounds[0]
     return r["round_seconds"] - r.get("eval_seconds", 0.0), r
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def child(args) -> None:
     from training import config, rounds
     from training.distributed import Distributed
-    from training.study import build
+    from training.federation import build
 
     executor = Distributed()
     cfg = config.load(None, [
@@ -30,15 +30,15 @@ def child(args) -> None:
         f"fl.num_clients={args.clients}", f"fl.rounds={args.rounds}", f"client.batch_size={args.batch_size}",
         f"model.max_length={args.max_length}", f"runtime.threads={args.threads}", "fl.eval_every=1000",
     ])
-    study = build(cfg, device=str(executor.device))
-    history, _ = rounds.run(study, executor=executor)
+    federation = build(cfg, device=executor.device)
+    history, _ = rounds.run(federation, executor=executor)
     if executor.is_main:
         for r in history.rounds:
             wall = r["round_seconds"] - r.get("eval_seconds", 0.0)
-            samples = sum(len(p) for p in study.parts) * cfg.client.local_epochs
+            samples = sum(len(p) for p in federation.parts) * cfg.client.local_epochs
             print(json.dumps({
-                "workers": executor.workers, "round": r["round"], "device": str(study.where.device),
-                "precision": str(study.where.dtype or "fp32"), "wall_seconds": wall,
+                "workers": executor.workers, "round": r["round"], "device": str(federation.where.device),
+                "precision": str(federation.where.dtype or "fp32"), "wall_seconds": wall,
                 "samples_per_second": samples / wall, "client_samples_per_second": samples / r["compute_seconds"],
                 "communication_share": r["communication_seconds"] / wall, "idle_share": r["idle_share"],
                 "outside_client_training_share": 1 - r["compute_seconds"] / r["round_seconds"],

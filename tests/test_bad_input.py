@@ -12,8 +12,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import TINY, all_runs
 import training
+from tests.conftest import TINY, all_runs
 from training import checkpoint
 from training.cli import main
 from training.config import ConfigError

@@ -1,17 +1,20 @@
 """Checkpoints: each file checked against its recorded sha256 on load; damage names the run, round and file and
 offers the previous good round; the retention policy keeps the last N and the best; sketches survive a round trip."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from training import checkpoint, divergence, rounds
+from training import checkpoint, divergence
+from training.callbacks import Callback
 from training.config import ConfigError
-from training.study import build
+from training.federation import build
 from training.train import train
 
 
-def saved(tmp_path, round_=3) -> checkpoint.Path:
+def saved(tmp_path, round_=3) -> Path:
     state = {"encoder.weight": torch.randn(64, 8), "bias": torch.randn(8), "steps": torch.tensor([3])}
     return checkpoint.save(checkpoint.Checkpoint(round_, state, {"fl": {}}, [{"round": round_}],
                                                  torch.get_rng_state()), tmp_path)
@@ -58,17 +61,17 @@ def test_retention_keeps_the_last_n_and_the_best(saved_rounds, history, keep, ex
 
 def test_update_sketch_does_not_depend_on_the_state_dict_order(tiny, tmp_path):
     """A global state read back from a checkpoint lists its tensors in the file's order, not the model's."""
-    study = build(tiny())
-    model_order = study.global_state()
+    federation = build(tiny())
+    model_order = federation.global_state()
     loaded = checkpoint.load(checkpoint.save(checkpoint.Checkpoint(1, model_order, {}, []), tmp_path)).global_state
     assert list(loaded) != list(model_order)  # the situation of a resumed run
     local = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in model_order.items()}
-    expected, norm = divergence.update_sketch(local, model_order, study.signs)
-    got, got_norm = divergence.update_sketch(local, loaded, study.signs)
+    expected, norm = divergence.update_sketch(local, model_order, federation.signs)
+    got, got_norm = divergence.update_sketch(local, loaded, federation.signs)
     assert torch.equal(got, expected) and got_norm == norm
 
 
-class _StopAt(rounds.Callback):
+class _StopAt(Callback):
     """Fails the run after ``round_``'s checkpoint, as a crash would (the run ends FAILED)."""
 
     def __init__(self, round_):
@@ -89,8 +92,8 @@ def test_resume_from_a_damaged_checkpoint_offers_the_previous_good_round(tiny, s
     assert run.info.status == "FAILED"
     local = client.download_artifacts(run_id, "checkpoints/round-002", str(tmp_path / "dl"))
     # damage the stored copy in place (same size), as a bad disk under the artifact store would
-    stored = checkpoint.Path(run.info.artifact_uri.removeprefix("file://")) / "checkpoints/round-002/model.safetensors"
-    assert stored.read_bytes() == (checkpoint.Path(local) / "model.safetensors").read_bytes()
+    stored = Path(run.info.artifact_uri.removeprefix("file://")) / "checkpoints/round-002/model.safetensors"
+    assert stored.read_bytes() == (Path(local) / "model.safetensors").read_bytes()
     flip_byte(stored, offset_from_end=stored.stat().st_size // 2)
 
     with pytest.raises(ConfigError) as refused:

@@ -75,3 +75,26 @@ def test_yaml_syntax_errors_name_the_file_or_option_line_and_column(tmp_path):
     with pytest.raises(ConfigError, match=r"^--set model\.name: the value 'a: b: c': YAML syntax error at line 1, "
                                           r"column 5: mapping values are not allowed here"):
         config.load(None, ["model.name=a: b: c"])
+
+
+def test_a_bad_value_in_a_file_can_be_fixed_with_set(tmp_path):
+    """Files and --set are applied first and checked once, so a later value fixes an earlier one."""
+    params, tuned = tmp_path / "p.yaml", tmp_path / "tuned.yaml"
+    params.write_text("client:\n  lr: -1\n  local_epochs: 2\n")
+    assert config.load(params, ["client.lr=1e-4"]).client.lr == 1e-4
+    tuned.write_text("client.lr: -1\nclient.local_epochs: 3\n")
+    cfg = config.load(params, ["client.lr=1e-4"], [str(tuned)])
+    assert (cfg.client.lr, cfg.client.local_epochs) == (1e-4, 3)  # --set over --set-file over the params file
+    with pytest.raises(ConfigError, match=r"client\.lr: must be > 0, got -1"):  # left unfixed, it names the field
+        config.load(params, [], [str(tuned)])
+
+
+def test_set_files_are_read_into_one_mapping_the_later_file_winning(tmp_path):
+    first, second = tmp_path / "a.yaml", tmp_path / "b.json"
+    first.write_text("client.lr: 1.0e-4\ntune.space: {client.lr: {type: float, low: 1.0e-6, high: 1.0e-3}}\n")
+    second.write_text('{"client.lr": 2.0e-4, "fl.rounds": 4}')
+    assert config.read_override_files([str(first), str(second)]) == {
+        "client.lr": 2e-4, "fl.rounds": 4, "tune.space": {"client.lr": {"type": "float", "low": 1e-6, "high": 1e-3}}}
+    second.write_text("- client.lr\n")
+    with pytest.raises(ConfigError, match=rf"^--set-file {second}: expected a mapping of section\.key: value"):
+        config.read_override_files([str(second)])

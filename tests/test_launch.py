@@ -15,7 +15,7 @@ import pytest
 from conftest import TINY
 from docker_engine import IMAGE, connect, image_uid, own
 
-from training import launch
+from training import cli, launch
 from training.launch import LaunchError, container_specs
 
 WORKSPACE = Path("/home/alice/study")
@@ -145,7 +145,7 @@ def test_a_server_on_the_hosts_loopback_is_reached_through_the_host_network(uri)
 def parse(argv: list[str]) -> argparse.Namespace:
     """Parse as `fedtune` does: launch is a subcommand, whose name goes to `command`."""
     parser = argparse.ArgumentParser(prog="fedtune")
-    launch.add_arguments(parser.add_subparsers(dest="command").add_parser("launch"))
+    cli.add_launch(parser.add_subparsers(dest="command").add_parser("launch"))
     return parser.parse_args(["launch", *argv])
 
 
@@ -160,7 +160,7 @@ def test_arguments_defaults_and_command_after_double_dash(monkeypatch):
 
 def test_run_without_a_command_is_refused():
     with pytest.raises(LaunchError, match="name the fedtune command"):
-        launch.run(parse(["--gpus", "none", "--"]))
+        cli.run_launch(parse(["--gpus", "none", "--"]))
 
 
 def test_no_engine_is_a_clear_error(tmp_path, monkeypatch):
@@ -259,7 +259,8 @@ def workspace(engine, tmp_path) -> Path:
 @pytest.mark.container
 def test_launch_runs_streams_waits_and_removes(engine, workspace, capfd):
     prefix = f"fedtune-test-{workspace.name}"
-    script = 'echo "$FEDTUNE_PROBE from $(pwd)" > out.txt; cat out.txt; echo "secret=${AWS_SECRET_ACCESS_KEY:-unset}"; exit 3'
+    script = ('echo "$FEDTUNE_PROBE from $(pwd)" > out.txt; cat out.txt; '
+              'echo "secret=${AWS_SECRET_ACCESS_KEY:-unset}"; exit 3')
     [spec] = container_specs(["-c", script], image=IMAGE, gpus="none", per_gpu=False, workspace=workspace,
                              env={"FEDTUNE_PROBE": "probe", "AWS_SECRET_ACCESS_KEY": "s"}, hf_cache=None,
                              name_prefix=prefix)

@@ -1,4 +1,4 @@
-"""`dvc repro` of the real dvc.yaml on a tiny study in a throwaway git repo: what runs, what reruns, what is restored."""
+"""`dvc repro` of the real dvc.yaml on a tiny study in a throwaway git repo: what runs, reruns and is restored."""
 
 import os
 import re
@@ -129,6 +129,14 @@ def test_repro_reruns_only_what_changed_and_pull_restores_the_rest(repo, tmp_pat
 
     assert ran(sh(repo, "dvc", "repro")) == set()
 
+    # keys no stage reads: K comes from the split file, the run name from the command, the retry time changes nothing
+    unread = yaml.safe_load((repo / "params.yaml").read_text())
+    unread["fl"]["num_clients"] = 8
+    unread["tracking"].update(run_name="mine", retry_seconds=5)
+    (repo / "params.yaml").write_text(yaml.safe_dump(unread, sort_keys=False))
+    assert "up to date" in sh(repo, "dvc", "status")
+    git(repo, "checkout", "params.yaml")
+
     # a new partition seed: new splits, so new runs and a new report; the prepared data stays
     assert ran(sh(repo, "dvc", "exp", "run", "--set-param", "partition.seed=1")) == {
         *partitions, *tunes, *trains, "report"}
@@ -216,4 +224,35 @@ def test_paper_params_generate_the_paper_grid(tmp_path):
         node = params
         for part in key.split("."):
             assert isinstance(node, dict) and part in node, f"configs/paper.yaml lacks {key}, which dvc.yaml reads"
+            node = node[part]
+
+
+# Config keys the train stages do not list as params: their command sets them (the grid point, the run name), the
+# split file gives them (fl.num_clients; partition.scheme), or they change no result (how long to wait for a server).
+TRAIN_UNLISTED = {"model.name", "model.revision", "tracking.run_name", "fl.num_clients", "tracking.retry_seconds"}
+# A trial names its own run and registers no model, so of tracking the tune stages read the experiment alone.
+TUNE_UNLISTED = TRAIN_UNLISTED | {"tracking.log_model", "tracking.register", "tracking.registered_name",
+                                  "tracking.alias"}
+
+
+@pytest.mark.parametrize(("stage", "unlisted", "extra"), [("train", TRAIN_UNLISTED, set()),
+                                                           ("tune", TUNE_UNLISTED, {"tune", "study.tune"})])
+def test_training_stages_list_the_keys_they_read_and_none_they_set(stage, unlisted, extra):
+    """Editing a key a stage reads reruns it; editing one its command sets, or the split decides, does not."""
+    from training.config import Config
+
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
+    listed = set(spec["params"])
+    read = {key for key in Config().flat() if key.split(".")[0] in ("model", "client", "fl", "runtime", "tracking")}
+    covered = {key for key in read if key in listed or key.split(".")[0] in listed}
+    assert read - unlisted == covered - unlisted, f"dvc.yaml {stage} misses {sorted(read - unlisted - covered)}"
+    assert not covered & unlisted, f"dvc.yaml {stage} lists {sorted(covered & unlisted)}, which it does not read"
+    assert listed - read - {key.split(".")[0] for key in read} == extra
+    sets = set(re.findall(r"--set ([\w.]+)=", str(spec["cmd"])))
+    assert sets <= unlisted | {"data.source"} and "--split" in str(spec["cmd"]), sets
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for key in listed:  # DVC refuses to run a stage whose key is missing, but only once it runs
+        node = params
+        for part in key.split("."):
+            assert isinstance(node, dict) and part in node, f"params.yaml lacks {key}, which dvc.yaml {stage} reads"
             node = node[part]

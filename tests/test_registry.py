@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from training import dataref, registry
+from training import dataref, promote, registry
 from training.cli import main
 from training.config import Config, ConfigError
 from training.data import load_task, write_prepared
@@ -50,7 +50,7 @@ def test_only_data_settings_can_be_overridden():
                                                     (0.4, 0.5, False)])
 def test_promotion_needs_a_strict_improvement(ours, theirs, promoted):
     holder = None if theirs is None else "1"
-    assert registry.decide("2", ours, holder, theirs).promoted is promoted
+    assert promote.decide("2", ours, holder, theirs).promoted is promoted
 
 
 def version_tags(client, name, version):
@@ -163,6 +163,24 @@ def test_bad_references_and_options_are_refused_with_what_to_pass(store, capsys)
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "--split: invalid choice: 'dev'" in err and "validation" in err and "test" in err, err
+
+
+def test_a_model_named_with_a_quote_is_searched_as_written(store, capsys):
+    client = MlflowClient(store)
+    run_id = client.create_run("0").info.run_id
+    for name in ("o'brien", 'say "hi"'):
+        client.create_registered_model(name)
+        client.create_model_version(name, "file:///nowhere", run_id=run_id)
+        assert main(["evaluate", f"models:/{name}/3"]) == 2
+        assert f"model {name!r} has no version 3; its versions are [1]" in capsys.readouterr().err
+        assert main(["promote", name]) == 2
+        assert f"model {name!r} has no alias 'candidate'; pass --version with one of versions [1]" in \
+            capsys.readouterr().err
+    # MLflow's search syntax has no escape: a name holding both quotes cannot be searched, which is said in one line
+    both = 'it\'s "both"'
+    client.create_registered_model(both)
+    assert main(["evaluate", f"models:/{both}/3"]) == 2
+    assert "holds both ' and \"" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("source, recorded, local", [

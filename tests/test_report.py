@@ -6,6 +6,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from analysis import report, run_metrics
+from training.cli import main
 from training.train import train
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -33,7 +34,7 @@ def report_args(tmp_path):
 
 
 def test_report_draws_the_named_runs_and_logs_a_summary_run(runs, store, tmp_path):
-    assert report.main(report_args(tmp_path)) == 0
+    assert main(["report", *report_args(tmp_path)]) == 0
 
     for name in ("rounds.png", "clients.png", "divergence.png"):
         assert (tmp_path / "reports" / name).read_bytes()[:8] == PNG, name
@@ -71,19 +72,17 @@ def test_load_runs_reads_grid_points_and_curves_from_mlflow(runs, store):
 
 def test_missing_runs_are_refused_with_the_fix(store, tmp_path, capsys):
     (tmp_path / "metrics" / "runs").mkdir(parents=True)
-    assert report.main(report_args(tmp_path)) == 2
+    assert main(["report", *report_args(tmp_path)]) == 2
     assert "no run records" in capsys.readouterr().err
     (tmp_path / "metrics" / "runs" / "K1.json").write_text(json.dumps({"run_id": "0" * 32}))
-    assert report.main(report_args(tmp_path)) == 2
+    assert main(["report", *report_args(tmp_path)]) == 2
     assert "set MLFLOW_TRACKING_URI to the store the train stages used" in capsys.readouterr().err
 
 
-def test_run_metrics_writes_the_headline_of_a_run_record_under_short_names(tmp_path):
+def test_run_metrics_writes_the_headline_of_a_run_record_under_short_names():
     """The train stage's DVC metric: three numbers, so `dvc metrics show` stays one terminal wide."""
     record = {"run_id": "0" * 32, "rounds": 3, "val_accuracy": 0.75, "val_accuracy_best": 0.8, "val_macro_f1": 0.7,
               "val_majority_rate": 0.4, "test_accuracy": 0.72, "test_macro_f1": 0.69,
               "registered_model": "empythy-tiny-bert", "model_version": "1"}
-    (tmp_path / "record.json").write_text(json.dumps(record))
-    assert run_metrics.main([str(tmp_path / "record.json"), str(tmp_path / "train" / "iid-K1.json")]) == 0
-    assert json.loads((tmp_path / "train" / "iid-K1.json").read_text()) == {
+    assert run_metrics.headline(record) == {
         "val_acc": 0.75, "test_acc": 0.72, "test_f1": 0.69}

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from training import divergence, rounds
-from training.study import build
+from training.callbacks import Callback
+from training.executor import InProcess
+from training.federation import build
 
 
 def test_same_config_and_seed_give_the_same_weights(tiny):
@@ -43,7 +45,7 @@ def test_history_has_every_round_metric(tiny):
         assert r["upload_bytes_per_client"] > 900_000 * 4  # tiny-bert has ~1M float32 parameters
 
 
-class StopAfter(rounds.Callback):
+class StopAfter(Callback):
     def __init__(self, n):
         self.n, self.seen = n, []
 
@@ -60,12 +62,12 @@ def test_a_callback_can_stop_the_run_and_receives_per_client_values(tiny):
 
 def test_sketched_cosine_matches_the_exact_cosine(tiny):
     """The update sketch estimates each client's cosine to the mean update; compare with exact arithmetic."""
-    study = build(tiny("fl.num_clients=3", "fl.rounds=1"))
-    start = study.global_state()
+    federation = build(tiny("fl.num_clients=3", "fl.rounds=1"))
+    start = federation.global_state()
     exact, sketches, sizes = {}, {}, {}
     for c in range(3):
-        result = rounds.InProcess.run_cohort(study, start, [c], 1)
-        local = study.model.state_dict()
+        result = InProcess.run_cohort(federation, start, [c], 1)
+        local = federation.model.state_dict()
         exact[c] = torch.cat([(local[k] - v).flatten().double() for k, v in start.items()])
         sketches[c], sizes[c] = result.sketches[c], result.num_samples
     mean = sum(exact[c] * sizes[c] for c in exact) / sum(sizes.values())
@@ -73,22 +75,23 @@ def test_sketched_cosine_matches_the_exact_cosine(tiny):
     for c in exact:
         true = float(torch.nn.functional.cosine_similarity(exact[c], mean, dim=0))
         assert estimated[c] == pytest.approx(true, abs=0.05)
-        assert float(exact[c].norm()) == pytest.approx(rounds.InProcess.run_cohort(study, start, [c], 1).norms[c], rel=1e-4)
+        rerun = InProcess.run_cohort(federation, start, [c], 1)
+        assert float(exact[c].norm()) == pytest.approx(rerun.norms[c], rel=1e-4)
 
 
 def test_clients_of_unequal_size_are_averaged_by_sample_count(tiny):
     """End to end: one round over clients of 6, 206 and 28 rows equals the float64 sample-weighted mean of the
     client models trained alone, and is far from their plain mean."""
-    study = build(tiny("partition.scheme=quantity", "partition.alpha=0.3", "fl.rounds=1"))
-    sizes = [len(part) for part in study.parts]
+    federation = build(tiny("partition.scheme=quantity", "partition.alpha=0.3", "fl.rounds=1"))
+    sizes = [len(part) for part in federation.parts]
     assert max(sizes) > 5 * min(sizes), sizes
-    start = study.global_state()
+    start = federation.global_state()
     trained = []
     for c in range(len(sizes)):
-        rounds.InProcess.run_cohort(study, start, [c], 1)
-        trained.append({k: v.double() for k, v in study.model.state_dict().items() if v.is_floating_point()})
-    study.model.load_state_dict(start)
-    _, final = rounds.run(study)
+        InProcess.run_cohort(federation, start, [c], 1)
+        trained.append({k: v.double() for k, v in federation.model.state_dict().items() if v.is_floating_point()})
+    federation.model.load_state_dict(start)
+    _, final = rounds.run(federation)
     weighted = {k: sum(t[k] * n for t, n in zip(trained, sizes)) / sum(sizes) for k in trained[0]}
     plain = {k: sum(t[k] for t in trained) / len(trained) for k in trained[0]}
     error = max(float((final[k].double() - weighted[k]).abs().max()) for k in weighted)
@@ -113,14 +116,14 @@ class LiveTensorBytes:
 
 def test_a_cohort_holds_one_client_model_at_a_time_whatever_its_size(tiny):
     """The running sum keeps memory flat in the cohort size: 8 clients peak no higher than 2 (of the same size)."""
-    study = build(tiny("fl.num_clients=8", "fl.rounds=1", "client.batch_size=32"))  # one step per client
-    start = study.global_state()
+    federation = build(tiny("fl.num_clients=8", "fl.rounds=1", "client.batch_size=32"))  # one step per client
+    start = federation.global_state()
     model_bytes = sum(v.numel() * v.element_size() for v in start.values())
     peaks = {}
     for cohort in ([0, 1], list(range(8))):
         gc.collect()
         live = LiveTensorBytes()
-        rounds.InProcess.run_cohort(study, start, cohort, 1, live)
+        InProcess.run_cohort(federation, start, cohort, 1, live)
         peaks[len(cohort)] = live.peak
     # keeping each client's model until the end would add 6 models (~4 MB each) to the 8-client peak
     assert peaks[8] - peaks[2] < model_bytes / 2, (peaks, model_bytes)

@@ -209,7 +209,8 @@ def test_a_copied_store_with_the_original_removed_is_browsed_loaded_and_evaluate
         run = get(f"{base}/api/2.0/mlflow/runs/get?run_id={trained.run_id}")["run"]
         assert run["info"]["status"] == "FINISHED"
         assert run["info"]["artifact_uri"].startswith(copy.as_uri())
-        history = get(f"{base}/api/2.0/mlflow/metrics/get-history?run_id={trained.run_id}&metric_key=global/val_accuracy")
+        history = get(f"{base}/api/2.0/mlflow/metrics/get-history?run_id={trained.run_id}"
+                      "&metric_key=global/val_accuracy")
         assert [m["value"] for m in history["metrics"]] == [r["val_accuracy"] for r in trained.history.rounds]
         listed = get(f"{base}/api/2.0/mlflow/artifacts/list?run_id={trained.run_id}&path=checkpoints/round-001")
         assert {Path(f["path"]).name for f in listed["files"]} >= {"model.safetensors", "state.json"}

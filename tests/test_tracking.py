@@ -28,7 +28,8 @@ def test_run_is_readable_from_mlflow(tiny, store):
     for tag in ("git.commit", "fedtune.version", "device", "dataset.fingerprint", "split.fingerprint"):
         assert run.data.tags[tag]
 
-    for metric in ("val_accuracy", "val_macro_f1", "val_loss", "train_loss", "round_seconds", "upload_bytes_per_client"):
+    for metric in ("val_accuracy", "val_macro_f1", "val_loss", "train_loss", "round_seconds",
+                   "upload_bytes_per_client"):
         key = tracking.metric_key(metric)
         assert [m.step for m in client.get_metric_history(result.run_id, key)] == [1, 2], key
     for c in range(3):
@@ -79,3 +80,18 @@ def test_an_invalid_alias_is_refused_before_anything_runs(tiny, store):
     assert result.returncode == 2 and "tracking.alias" in result.stderr and "Traceback" not in result.stderr
     client = MlflowClient(store)
     assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_reading_mlflow_does_not_load_torch_or_transformers():
+    """The report and the tracking module only read and write MLflow: importing them must not pay for torch."""
+    probe = ("import sys, analysis.report, training.tracking; "
+             "print(sorted(m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_resuming_a_run_the_store_does_not_hold_is_refused_naming_the_store(tiny, store):
+    missing = "0" * 32
+    with pytest.raises(ConfigError, match=f"--resume {missing}: no such MLflow run at {store}"):
+        train(tiny(), resume=missing)

@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from tests.conftest import TINY
-from training import cli, config, optuna_storage, tune
+from training import cli, config, optuna_storage, tune, tune_tracking
 
 # The tiny study over a space where tiny-bert's accuracy differs between trials, so the median pruner has work.
 SPACE = ("tune.space={client.lr: {type: float, low: 1.0e-5, high: 3.0e-2, log: true}, "
@@ -116,8 +116,9 @@ def test_small_study_completes_with_pruned_trials(small_study):
     assert summary["rounds_saved"] == sum(3 - max(t.intermediate_values) for t in pruned)
 
     # the best params drive a training run through --set-file
-    overrides = config.read_override_files([str(small_study.where / "best" / "K3.yaml")])
-    trained = config.load(None, [*TINY, *overrides])
+    # (over the tiny setup, as over params.yaml: a --set of client.lr would win over the file)
+    tuned = config.read_override_files([str(small_study.where / "best" / "K3.yaml")])
+    trained = config.load(None, TINY).override(**tuned)
     assert trained.client.lr == pytest.approx(best.params["client.lr"])
     assert trained.client.local_epochs == best.params["client.local_epochs"]
 
@@ -137,7 +138,8 @@ def test_study_of_another_setup_is_refused_and_keeps_its_trials(small_study, mon
     changed = config.load(None, [*STUDY, "tune.study_name=small", "tune.trials=8", "fl.rounds=2",
                                  "client.batch_size=8"])
     with pytest.raises(config.ConfigError, match=r"tune.study_name: study 'small' holds trials of another setup "
-                                                 r"\(client.batch_size: 16 there, 8 here; fl.rounds: 3 there, 2 here\)"):
+                                                 r"\(client.batch_size: 16 there, 8 here; "
+                                                 r"fl.rounds: 3 there, 2 here\)"):
         tune.tune(changed, out=io.StringIO())
     assert len(load_study("small").trials) == 6
     assert len(client.search_runs([client.get_experiment_by_name("fedtune").experiment_id])) == runs_before
@@ -169,7 +171,7 @@ def test_disabled_tuning_writes_empty_overrides_and_runs_nothing(tmp_path, monke
     assert cli.main(["tune", *sets(*STUDY), "--enabled", "false", "--best-out", "tuned/K3.yaml",
                      "--summary-out", "summary.json"]) == 0
     assert json.loads((tmp_path / "summary.json").read_text()) == {"tuned": False}
-    assert config.read_override_files([str(tmp_path / "tuned" / "K3.yaml")]) == []
+    assert config.read_override_files([str(tmp_path / "tuned" / "K3.yaml")]) == {}
     assert "tuning is off" in (tmp_path / "tuned" / "K3.yaml").read_text()
     assert not (tmp_path / "mlruns").exists(), "no study and no MLflow run when tuning is off"
     assert cli.main(["tune", *sets(*STUDY), "--enabled", "false"]) == 2  # nothing to write is a mistake
@@ -178,7 +180,7 @@ def test_disabled_tuning_writes_empty_overrides_and_runs_nothing(tmp_path, monke
 
 def test_study_reads_back_from_mlflow(small_study):
     study, client = small_study.study, small_study.client
-    parent_id = study.user_attrs[tune.PARENT_ATTR]
+    parent_id = study.user_attrs[tune_tracking.PARENT_ATTR]
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["optuna.study"] == "small"
@@ -205,6 +207,19 @@ def test_study_reads_back_from_mlflow(small_study):
         assert child.data.params["client.local_epochs"] == str(trial.params["client.local_epochs"])
         accuracy = client.get_metric_history(child.info.run_id, "global/val_accuracy")
         assert {m.step: m.value for m in accuracy} == trial.intermediate_values
+
+
+@pytest.mark.parametrize("name, storage", [("o'brien", "/home/o'brien/mlruns/optuna/journal.log"),
+                                           ('say "hi"', "/srv/optuna/journal.log")])
+def test_a_study_named_with_a_quote_finds_its_one_parent_run(name, storage, store):
+    """Its name and storage go into an MLflow search: quoted as MLflow reads them, they find the run, not an error."""
+    client = MlflowClient(store)
+    study = optuna.create_study(study_name=name, storage=optuna.storages.InMemoryStorage())
+    cfg = config.load(None, [])
+    first = tune_tracking.parent_run(client, cfg, study, storage)
+    assert tune_tracking.parent_run(client, cfg, study, storage) == first  # found again, not created twice
+    assert client.get_run(first).data.tags["optuna.study"] == name
+    assert len(client.search_runs([client.get_run(first).info.experiment_id])) == 1
 
 
 class PostgresServer:

@@ -15,8 +15,16 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from tests.test_tune import (STUDY, fedtune_tune, finished, load_study, load_study_when_created, postgres_server,
-                              sets, wait_for)
+from tests.test_tune import (
+    STUDY,
+    fedtune_tune,
+    finished,
+    load_study,
+    load_study_when_created,
+    postgres_server,
+    sets,
+    wait_for,
+)
 
 # Long enough trials (5 unpruned rounds) to act inside one.
 DRILL = [*STUDY, "fl.rounds=5", "tune.pruner=none", "tune.trials=2"]

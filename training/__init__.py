@@ -1,3 +1,8 @@
 """fedtune: federated fine-tuning studies of transformer text classifiers, tracked end to end."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("fedtune")  # pyproject.toml's, as installed: one place to bump it
+except PackageNotFoundError:  # a source tree used without `pip install -e .`
+    __version__ = "0+unknown"

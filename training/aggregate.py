@@ -30,14 +30,6 @@ def average(total: State, total_weight: float, global_state: State) -> State:
     }
 
 
-def fedavg(results: list[tuple[State, int]], global_state: State) -> State:
-    """The FedAvg mean of ``[(client_state, num_samples), ...]``: weights proportional to sample counts."""
-    total = None
-    for state, num_samples in results:
-        total = accumulate(total, state, float(num_samples))
-    return average(total, float(sum(n for _, n in results)), global_state)
-
-
 def server_update(global_state: State, mean_state: State, server_lr: float) -> State:
     """Move the global model towards the client mean by ``server_lr`` (1.0 = plain FedAvg: take the mean).
 

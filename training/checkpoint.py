@@ -4,6 +4,8 @@ A checkpoint is a folder ``round-NNN/`` with ``model.safetensors`` (global weigh
 (RNG state and server optimizer tensors) and ``state.json`` (round, resolved config, metrics so far, version, and
 the sha256 of the two tensor files). ``state.json`` is written last, so its hashes vouch for the files beside it:
 a truncated or altered file is refused on load instead of resuming into NaN weights.
+Torch and safetensors load only when a checkpoint is saved or loaded: naming, hashing and retention are read by
+tracking, which must stay light.
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
 from training import __version__
 
+if TYPE_CHECKING:
+    import torch
 
 FILES = frozenset({"model.safetensors", "server.safetensors", "state.json"})
 HASHED = ("model.safetensors", "server.safetensors")
@@ -47,15 +49,16 @@ def folder_name(round_: int) -> str:
 
 def save(ckpt: Checkpoint, root: Path) -> Path:
     """Write ``root/round-NNN/``; files are written to a temporary name first so a kill leaves no half file."""
+    from safetensors.torch import save_file
+
     path = Path(root) / folder_name(ckpt.round)
     path.mkdir(parents=True, exist_ok=True)
     server = {f"optimizer.{k}": v for k, v in ckpt.server_optimizer.items()}
     if ckpt.rng_state is not None:
         server["rng.torch"] = ckpt.rng_state
+    weights = {k: v.detach().cpu().contiguous() for k, v in ckpt.global_state.items()}
     files = {
-        "model.safetensors": lambda p: save_file(
-            {k: v.detach().cpu().contiguous() for k, v in ckpt.global_state.items()}, p, metadata={"round": str(ckpt.round)}
-        ),
+        "model.safetensors": lambda p: save_file(weights, p, metadata={"round": str(ckpt.round)}),
         "server.safetensors": lambda p: save_file(server, p),
     }
     for name, write in files.items():
@@ -104,6 +107,8 @@ def verify(path: Path) -> dict:
 
 
 def load(path: Path) -> Checkpoint:
+    from safetensors.torch import load_file
+
     path = Path(path)
     state = verify(path)
     server = load_file(str(path / "server.safetensors"))
@@ -115,12 +120,6 @@ def load(path: Path) -> Checkpoint:
         rng_state=server.get("rng.torch"),
         server_optimizer={k.removeprefix("optimizer."): v for k, v in server.items() if k.startswith("optimizer.")},
     )
-
-
-def latest(root: Path) -> Path | None:
-    """The newest complete checkpoint folder under ``root``, or None."""
-    found = sorted(p for p in Path(root).glob("round-*") if (p / "state.json").is_file())
-    return found[-1] if found else None
 
 
 def round_of(folder: str) -> int:

@@ -8,10 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from training import __version__, launch, registry
+from training import __version__, config, launch, prepare, registry
 from training.config import ConfigError
 from training.optuna_storage import StorageUnavailable
-from training.prepare import add_partition, add_prepare, run_partition, run_prepare
 
 DEFAULT_PARAMS = "params.yaml"
 
@@ -21,17 +20,16 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
                         help=f"YAML config file (default: {DEFAULT_PARAMS} when present, else built-in defaults)")
     parser.add_argument("--set-file", metavar="FILE", action="append", default=[],
                         help="YAML/JSON mapping of section.key: value overrides (e.g. tuned params from `fedtune "
-                             "tune`), applied before --set (repeatable)")
+                             "tune`), applied over --params and before --set (repeatable)")
     parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                         help="override one config value, e.g. --set fl.rounds=5 --set model.name=bert-base-cased "
-                             "(repeatable)")
+                             "(repeatable); the config is checked once all are applied, so --set can fix a bad "
+                             "value of a file")
 
 
-def load_config(args: argparse.Namespace):
-    from training import config
-
+def load_config(args: argparse.Namespace) -> config.Config:
     path = args.params or (DEFAULT_PARAMS if Path(DEFAULT_PARAMS).is_file() else None)
-    return config.load(path, [*config.read_override_files(args.set_file), *args.overrides])
+    return config.load(path, args.overrides, args.set_file)
 
 
 def load_inputs(args: argparse.Namespace, cfg=None):
@@ -44,26 +42,30 @@ def load_inputs(args: argparse.Namespace, cfg=None):
     from training.partition import load_split
 
     split = load_split(Path(args.split)) if args.split else None
+    if split is not None:  # K and the scheme as the split was made, given once: by `fedtune partition`
+        cfg = config.follow(cfg, prepare.split_setup(Path(args.split)), config.parse_overrides(args.overrides),
+                            f"--split {args.split}")
     from training import preflight  # after the config and the split file: their mistakes are found before pandas loads
 
     preflight.check(cfg, split, f"--split {args.split}")
     return cfg, split
 
 
-def write_json(path: str | None, data: dict) -> None:
+def write_json(path: str | Path | None, data: dict, sort_keys: bool = True) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        Path(path).write_text(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
 
 
 # train ---------------------------------------------------------------------------------------------------------------
 def add_train(parser: argparse.ArgumentParser) -> None:
     add_config_options(parser)
     parser.add_argument("--split", metavar="FILE", help="client split JSON from `fedtune partition`; it must give "
-                        "every training row to exactly one client, and every client a row (default: partition the "
-                        "training set by the partition.* config)")
-    parser.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted MLflow run from its last checkpoint "
-                        "(its own config is used; --params/--set are not allowed)")
+                        "every training row to exactly one client, and every client a row. fl.num_clients and "
+                        "partition.scheme come from the file (default: partition the training set by the "
+                        "partition.* config)")
+    parser.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted MLflow run from its last "
+                        "checkpoint (its own config is used; --params/--set are not allowed)")
     parser.add_argument("--from-round", type=int, metavar="N", help="with --resume: continue from round N's kept "
                         "checkpoint instead of the newest (e.g. when the newest is damaged)")
     parser.add_argument("--workers", type=int, default=1, metavar="N",
@@ -73,8 +75,11 @@ def add_train(parser: argparse.ArgumentParser) -> None:
                         help="with --workers: machines taking part; run the same command on each (multi-node)")
     parser.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
                         help="with --nodes > 1: the rendezvous address every node reaches (e.g. node0:29400)")
-    parser.add_argument("--rdzv-id", default="fedtune", metavar="ID", help="with --nodes > 1: a job id shared by the nodes")
+    parser.add_argument("--rdzv-id", default="fedtune", metavar="ID",
+                        help="with --nodes > 1: a job id shared by the nodes")
     parser.add_argument("--metrics-out", metavar="FILE", help="write final metrics and the run id as JSON (for DVC)")
+    parser.add_argument("--headline-out", metavar="FILE", help="write the headline metrics (val_acc, test_acc, "
+                        "test_f1) as JSON: the DVC metric of a train stage")
     parser.add_argument("--rounds-out", metavar="FILE", help="write per-round metrics as CSV (for dvc plots)")
 
 
@@ -89,7 +94,7 @@ def run_train(args: argparse.Namespace) -> int:
     # a resumed run is checked with the config it was started with, once train() has read it
     cfg, split = (None, None) if args.resume else load_inputs(args)
     if args.workers > 1 or args.nodes > 1:
-        return start_workers(args, args.argv)
+        return start_workers(args)
     from training.config import Config
     from training.distributed import Distributed, launched
     from training.train import train
@@ -108,6 +113,10 @@ def run_train(args: argparse.Namespace) -> int:
     if result is None:  # a torchrun worker other than the main one
         return 0
     write_json(args.metrics_out, result.summary())
+    if args.headline_out:
+        from analysis.run_metrics import headline
+
+        write_json(args.headline_out, headline(result.summary()), sort_keys=False)  # its columns in this order
     if args.rounds_out:
         import pandas as pd
 
@@ -116,13 +125,10 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def start_workers(args: argparse.Namespace, argv: list[str]) -> int:
+def start_workers(args: argparse.Namespace) -> int:
     """Re-run this command under torchrun: ``--workers`` processes here, on each of ``--nodes`` machines."""
     import subprocess
 
-    launcher = ("--nodes", "--workers", "--rdzv-endpoint", "--rdzv-id")
-    cleaned = [a for i, a in enumerate(argv)
-               if not (a in launcher or a.startswith(tuple(f"{o}=" for o in launcher)) or (i and argv[i - 1] in launcher))]
     if args.nodes > 1:
         if not args.rdzv_endpoint:
             raise ConfigError("--nodes > 1 needs --rdzv-endpoint HOST:PORT, an address every node can reach")
@@ -131,15 +137,40 @@ def start_workers(args: argparse.Namespace, argv: list[str]) -> int:
     else:
         where = ["--standalone"]
     command = [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={args.workers}",
-               "-m", "training", *cleaned]
+               "-m", "training", "train", *worker_argv(args)]
     return subprocess.call(command)
+
+
+LAUNCHER = ("workers", "nodes", "rdzv_endpoint", "rdzv_id")  # the train options torchrun's own replace
+
+
+def worker_argv(args: argparse.Namespace) -> list[str]:
+    """The options of a parsed ``train`` command as argv, less the launcher's: each worker's command.
+
+    Built from the parsed values, not by filtering the typed argv, so an abbreviated launcher option (``--work 2``)
+    cannot slip through and make every worker start workers of its own.
+    """
+    parser = argparse.ArgumentParser()
+    add_command(parser, "train")
+    argv = []
+    for action in parser._actions:  # argparse has no public list of a parser's options
+        value = getattr(args, action.dest, action.default)
+        if action.dest in LAUNCHER or value == action.default:
+            continue
+        option = action.option_strings[-1]  # the long form; `train` takes no positional arguments
+        if action.nargs == 0:  # a flag such as --debug
+            argv.append(option)
+        else:  # OPTION=VALUE keeps a value that starts with '-' a value; an appended option repeats
+            argv += [f"{option}={item}" for item in (value if isinstance(value, list) else [value])]
+    return argv
 
 
 # tune ----------------------------------------------------------------------------------------------------------------
 def add_tune(parser: argparse.ArgumentParser) -> None:
     add_config_options(parser)
-    parser.add_argument("--split", metavar="FILE", help="client split JSON from `fedtune partition` for every trial "
-                        "(default: partition the training set by the partition.* config)")
+    parser.add_argument("--split", metavar="FILE", help="client split JSON from `fedtune partition` for every trial; "
+                        "fl.num_clients and partition.scheme come from the file (default: partition the training "
+                        "set by the partition.* config)")
     parser.add_argument("--storage", metavar="URL", help="Optuna RDB URL shared by workers on many machines, e.g. "
                         "postgresql+psycopg://user@host:5432/optuna or sqlite:///optuna.db (default: tune.storage; "
                         "empty = the journal file mlruns/optuna/journal.log, for workers on this machine)")
@@ -162,7 +193,7 @@ def run_tune(args: argparse.Namespace) -> int:
     from training.tune import print_summary, tune, write_best
 
     flags = {"tune.storage": args.storage, "tune.study_name": args.study_name, "tune.trials": args.trials}
-    config = load_config(args).override(**{k: v for k, v in flags.items() if v is not None})
+    cfg = load_config(args).override(**{k: v for k, v in flags.items() if v is not None})
     if args.enabled == "false":
         if not args.best_out:
             raise ConfigError("--enabled false runs no study and only writes --best-out FILE; name that file")
@@ -171,9 +202,9 @@ def run_tune(args: argparse.Namespace) -> int:
         write_json(args.summary_out, {"tuned": False})
         print(f"tuning is off: wrote {args.best_out} with no overrides; no study was run")
         return 0
-    _, split = load_inputs(args, config)
-    result = tune(config, split)
-    print_summary(result, config)
+    cfg, split = load_inputs(args, cfg)
+    result = tune(cfg, split)
+    print_summary(result, cfg)
     t = result.tally
     write_json(args.summary_out, {
         "tuned": True, "study": result.study_name, "parent_run_id": result.parent_run_id,
@@ -187,7 +218,7 @@ def run_tune(args: argparse.Namespace) -> int:
         t = result.tally
         write_best(Path(args.best_out), t.best_params,
                    f"best params of Optuna study {result.study_name} (trial {t.best_trial}: validation accuracy "
-                   f"{t.best_value:.4f}, {config.tune.objective} round, of {t.finished} finished trials); "
+                   f"{t.best_value:.4f}, {cfg.tune.objective} round, of {t.finished} finished trials); "
                    f"from `fedtune tune`, for `fedtune train --set-file`")
         print(f"best params written to {args.best_out}; use them with `fedtune train --set-file {args.best_out}`")
     return 0
@@ -210,8 +241,6 @@ def add_evaluate(parser: argparse.ArgumentParser) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from training import config
-
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size}: must be >= 1")
     # Syntax, keys, types and ranges of --set, checked on the defaults before MLflow and torch load; the run's own
@@ -239,11 +268,11 @@ def add_promote(parser: argparse.ArgumentParser) -> None:
 
 
 def run_promote(args: argparse.Namespace) -> int:
-    from training import tracking
+    from training import promote, tracking
 
     # a declined promotion is a decision, not an error: exit 0 either way
-    registry.promote(tracking.connect(), args.name, args.version, args.alias, args.from_alias, args.split,
-                     args.metric)
+    promote.promote(tracking.connect(), args.name, args.version, args.alias, args.from_alias, args.split,
+                    args.metric)
     return 0
 
 
@@ -274,11 +303,122 @@ def run_relocate(args: argparse.Namespace) -> int:
     return 0
 
 
+# prepare and partition ------------------------------------------------------------------------------------------------
+def add_prepare(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", metavar="PATH", default=DEFAULT_PARAMS, help="params file (default: %(default)s)")
+    parser.add_argument("--task", required=True, help="a task under prepare.tasks in the params file")
+    parser.add_argument("--out", metavar="DIR", type=Path, required=True, help="folder for "
+                        "train/validation/test.parquet and meta.json; `fedtune train --set data.source=DIR` reads it")
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    path = Path(args.params)
+    if not path.is_file():
+        raise ConfigError(f"--params {path}: file not found")
+    params = config.parse_yaml(path.read_text(), f"--params {path}") or {}
+    task = prepare.prepare_task(params, args.task, args.out)
+    print(f"fedtune: {args.task}: {len(task.train)} train / {len(task.validation)} validation / {len(task.test)} test "
+          f"texts in {len(task.label_names)} classes -> {args.out}")
+    return 0
+
+
+def add_partition(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prepared", metavar="DIR", type=Path, required=True,
+                        help="a task folder from `fedtune prepare`")
+    parser.add_argument("--clients", metavar="K", type=int, required=True, help="number of clients")
+    parser.add_argument("--scheme", required=True, choices=config.SCHEMES,
+                        help="iid (the paper's) | shards (label-sorted) | dirichlet (label skew) | "
+                             "quantity (size skew)")
+    parser.add_argument("--alpha", type=float, default=config.PartitionConfig.alpha,
+                        help=f"Dirichlet concentration for {' and '.join(prepare.ALPHA_SCHEMES)}; small = skewed "
+                             f"(default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=config.PartitionConfig.seed, help="default: %(default)s")
+    parser.add_argument("--out", metavar="FILE", type=Path, required=True,
+                        help="client split JSON for `fedtune train --split`; it records K and the scheme")
+    parser.add_argument("--stats", metavar="FILE", type=Path, required=True,
+                        help="the split's summary JSON: client sizes and label skew (a DVC metric)")
+    parser.add_argument("--client-stats", metavar="FILE", type=Path,
+                        help="each client's size, label histogram and label skew")
+    parser.add_argument("--plot", metavar="PNG", type=Path, help="per-client label histogram (stacked bars)")
+
+
+def run_partition(args: argparse.Namespace) -> int:
+    task, summary = prepare.partition_task(args.prepared, args.clients, args.scheme, args.alpha, args.seed, args.out,
+                                           args.stats, args.client_stats, args.plot)
+    print(f"fedtune: {task} -> {args.clients} clients ({args.scheme}): sizes {summary['size_min']}.."
+          f"{summary['size_max']}, mean label TV distance {summary['tv_mean']:.3f} -> {args.out}")
+    return 0
+
+
+# launch ---------------------------------------------------------------------------------------------------------------
+LAUNCH_EXAMPLES = """\
+examples:
+  fedtune launch -- train --set fl.rounds=5
+  fedtune launch --gpus 0,1 --per-gpu -- tune --set fl.num_clients=8
+  fedtune launch --gpus none --image fedtune:dev -- evaluate --help
+
+The workspace is mounted at its own path and is the working directory, so relative paths in the command and the
+absolute paths MLflow records (the embedded store mlruns/mlflow.db, its artifact locations) mean the same inside and
+outside. MLFLOW_*, FEDTUNE_* and HF_* variables pass through; a tracking server on this machine's loopback is reached
+through the host network. Build the image first: docker build -t fedtune:latest .
+"""
+
+
+def add_launch(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = LAUNCH_EXAMPLES
+    parser.add_argument("--image", default=os.environ.get("FEDTUNE_IMAGE", "fedtune:latest"),
+                        help="the fedtune image to run (default: $FEDTUNE_IMAGE, else fedtune:latest)")
+    parser.add_argument("--gpus", default="all", metavar="all|none|IDS",
+                        help="all, none, or comma-separated host GPU ids such as 0,2 (default: %(default)s)")
+    parser.add_argument("--per-gpu", action="store_true",
+                        help="start one container per GPU id in --gpus, each seeing only its own GPU")
+    parser.add_argument("--workspace", type=Path, default=Path("."), metavar="DIR",
+                        help="project directory to mount, at its own path, as the working directory "
+                             "(default: the current directory)")
+    parser.add_argument("--hf-cache", default=os.environ.get("HF_HOME", "~/.cache/huggingface"), metavar="DIR",
+                        help="host Hugging Face cache to mount as the container's HF_HOME; '' for a throwaway one "
+                             "(default: $HF_HOME, else ~/.cache/huggingface)")
+    # Not `command`: that is where fedtune's own parser keeps the subcommand's name.
+    parser.add_argument("fedtune_command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
+                        help="the fedtune command to run inside, e.g. -- tune --set fl.num_clients=8")
+
+
+def run_launch(args: argparse.Namespace) -> int:
+    command = args.fedtune_command[1:] if args.fedtune_command[:1] == ["--"] else args.fedtune_command
+    hf_cache = Path(args.hf_cache).expanduser().resolve() if args.hf_cache else None
+    return launch.run_command(command, image=args.image, gpus=args.gpus, per_gpu=args.per_gpu,
+                              workspace=args.workspace, hf_cache=hf_cache)
+
+
+# report ---------------------------------------------------------------------------------------------------------------
+def add_report(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runs", metavar="DIR", type=Path, required=True,
+                        help="folder of `fedtune train --metrics-out` run records; their run ids pick the runs")
+    parser.add_argument("--experiment", required=True, help="MLflow experiment for the summary run")
+    parser.add_argument("--accuracy-rounds", metavar="PNG", type=Path, required=True,
+                        help="validation accuracy per round, a line per client count, a panel per task x model")
+    parser.add_argument("--accuracy-clients", metavar="PNG", type=Path, required=True,
+                        help="final test accuracy against the client count, a line per model, a panel per task")
+    parser.add_argument("--divergence", metavar="PNG", type=Path, required=True,
+                        help="cosine of client updates to their mean per round (mean and min over clients)")
+    parser.add_argument("--table", metavar="MD", type=Path, required=True, help="results table (Markdown)")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from analysis.report import write_report
+
+    figures = (args.accuracy_rounds, args.accuracy_clients, args.divergence, args.table)
+    ids, summary = write_report(args.runs, args.experiment, *figures)
+    print(f"fedtune: report of {len(ids)} runs -> {', '.join(map(str, figures))}; MLflow summary run {summary}")
+    return 0
+
+
 COMMANDS = {
     "train": (add_train, run_train, "run a federated fine-tuning study, tracked in MLflow"),
     "prepare": (add_prepare, run_prepare, "clean and split one task of the params file into Parquet (DVC stage)"),
     "partition": (add_partition, run_partition, "split a prepared training set over K clients (DVC stage)"),
-    "launch": (launch.add_arguments, launch.run, "run a fedtune command inside the fedtune image (Docker), on chosen GPUs"),
+    "launch": (add_launch, run_launch, "run a fedtune command inside the fedtune image (Docker), on chosen GPUs"),
     "tune": (add_tune, run_tune, "tune client lr and local epochs (Optuna); rerun to resume or add workers"),
     "evaluate": (add_evaluate, run_evaluate, "evaluate a registered model (or a run's model) on a "
                  "split of its task, logged to MLflow"),
@@ -286,6 +426,8 @@ COMMANDS = {
                 "evaluation beats the holder's"),
     "relocate": (add_relocate, run_relocate, "make a copied or moved MLflow store read and write its own artifacts "
                  "(run once before `mlflow ui` on the copy)"),
+    "report": (add_report, run_report, "draw the paper's figures and a results table from the pipeline's tracked runs, "
+               "also logged to an MLflow summary run (DVC stage)"),
 }
 
 
@@ -297,12 +439,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"fedtune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (add, run, help_text) in COMMANDS.items():
-        command = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
-        add(command)
-        command.add_argument("--debug", action="store_true", help="show the full traceback of a failure")
-        command.set_defaults(run=run)
+    for name, (_, _, help_text) in COMMANDS.items():
+        add_command(sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + "."), name)
     return parser
+
+
+def add_command(parser: argparse.ArgumentParser, name: str) -> None:
+    """The options of the command ``name``, and what runs it."""
+    add, run, _ = COMMANDS[name]
+    add(parser)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of a failure")
+    parser.set_defaults(run=run)
 
 
 def _terminate(signum, frame):
@@ -334,7 +481,6 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    args.argv = argv
     signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.run(args) or 0

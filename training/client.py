@@ -6,7 +6,6 @@ client)``, so the update does not depend on which clients ran before it, or on w
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ from torch.utils.data import DataLoader, Subset
 from transformers import get_scheduler
 
 from training.config import ClientConfig
+from training.devices import Device
 from training.features import to_device
 
 
@@ -31,19 +31,6 @@ class ClientResult:
     train_loss: float  # mean over the client's local steps
 
 
-@dataclass(frozen=True)
-class Device:
-    """Where and in which precision local training runs."""
-
-    device: torch.device
-    dtype: torch.dtype | None = None  # autocast dtype; None = full fp32
-
-    def autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
-
 def client_seed(seed: int, round_: int, client: int) -> int:
     return int(np.random.SeedSequence([seed, round_, client]).generate_state(1)[0])
 
@@ -51,12 +38,15 @@ def client_seed(seed: int, round_: int, client: int) -> int:
 def make_optimizer(model: torch.nn.Module, cfg: ClientConfig) -> torch.optim.Optimizer:
     """A fresh optimizer; biases and LayerNorm weights get no weight decay (as in BERT fine-tuning)."""
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         (no_decay if param.ndim < 2 else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # A few kernels per step over all parameters instead of a loop over them. Fused on CUDA; on the CPU only
+    # foreach gives the same weights, bit for bit, as the per-parameter loop (fused AdamW there does not).
+    batched = {"fused": True} if next(model.parameters()).is_cuda else {"foreach": True}
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, **batched)
+    return torch.optim.AdamW(groups, lr=cfg.lr, **batched)
 
 
 def train_client(
@@ -94,8 +84,6 @@ def train_client(
                 batch = to_device(batch, where.device)
                 with where.autocast():
                     loss = model(**batch).loss
-                if not math.isfinite(loss.item()):
-                    raise NonFiniteLoss(f"client {client}: loss is {loss.item()} at local step {len(losses) + 1}")
                 scaler.scale(loss).backward()
                 if cfg.max_grad_norm > 0:
                     scaler.unscale_(optimizer)
@@ -104,7 +92,17 @@ def train_client(
                 scaler.update()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
+                losses.append(loss.detach())  # no .item(): reading a GPU value waits for the queued work
                 if progress is not None:
                     progress.update(1)
-    return ClientResult(client, len(indices), len(losses), float(np.mean(losses)))
+    return ClientResult(client, len(indices), len(losses), float(np.mean(finite_losses(losses, client))))
+
+
+def finite_losses(losses: list[torch.Tensor], client: int) -> list[float]:
+    """The client's per-step losses, read from the device once; a non-finite one fails the run before aggregation
+    can use the weights it produced."""
+    values = torch.stack(losses).tolist()
+    for step, value in enumerate(values, 1):
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"client {client}: loss is {value} at local step {step}")
+    return values

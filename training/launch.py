@@ -2,12 +2,11 @@
 the GPUs, or as one container per GPU (e.g. one Optuna worker each).
 
 `container_specs` turns the request into `containers.run` keyword arguments and touches nothing; `launch` starts the
-containers, streams their logs, waits for them and removes them.
+containers, streams their logs, waits for them and removes them; `run_command` does both for one fedtune command.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import secrets
 import sys
@@ -29,18 +28,6 @@ HOST_PATH_VARIABLES = {"HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_ASSET
 LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 # Docker's 64 MB /dev/shm is too small for NCCL and DataLoader workers; this caps it, memory is used as needed.
 SHM_SIZE = "8g"
-
-EXAMPLES = """\
-examples:
-  fedtune launch -- train --set fl.rounds=5
-  fedtune launch --gpus 0,1 --per-gpu -- tune --set fl.num_clients=8
-  fedtune launch --gpus none --image fedtune:dev -- evaluate --help
-
-The workspace is mounted at its own path and is the working directory, so relative paths in the command and the
-absolute paths MLflow records (the embedded store mlruns/mlflow.db, its artifact locations) mean the same inside and
-outside. MLFLOW_*, FEDTUNE_* and HF_* variables pass through; a tracking server on this machine's loopback is reached
-through the host network. Build the image first: docker build -t fedtune:latest .
-"""
 
 
 class LaunchError(RuntimeError):
@@ -232,39 +219,21 @@ def _lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
         yield pending
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = EXAMPLES
-    parser.add_argument("--image", default=os.environ.get("FEDTUNE_IMAGE", "fedtune:latest"),
-                        help="the fedtune image to run (default: $FEDTUNE_IMAGE, else fedtune:latest)")
-    parser.add_argument("--gpus", default="all", metavar="all|none|IDS",
-                        help="all, none, or comma-separated host GPU ids such as 0,2 (default: %(default)s)")
-    parser.add_argument("--per-gpu", action="store_true",
-                        help="start one container per GPU id in --gpus, each seeing only its own GPU")
-    parser.add_argument("--workspace", type=Path, default=Path("."), metavar="DIR",
-                        help="project directory to mount, at its own path, as the working directory "
-                             "(default: the current directory)")
-    parser.add_argument("--hf-cache", default=os.environ.get("HF_HOME", "~/.cache/huggingface"), metavar="DIR",
-                        help="host Hugging Face cache to mount as the container's HF_HOME; '' for a throwaway one "
-                             "(default: $HF_HOME, else ~/.cache/huggingface)")
-    # Not `command`: that is where fedtune's own parser keeps the subcommand's name.
-    parser.add_argument("fedtune_command", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
-                        help="the fedtune command to run inside, e.g. -- tune --set fl.num_clients=8")
-
-
-def run(args: argparse.Namespace) -> int:
-    command = args.fedtune_command[1:] if args.fedtune_command[:1] == ["--"] else args.fedtune_command
+def run_command(command: list[str], *, image: str, gpus: str, per_gpu: bool, workspace: Path,
+                hf_cache: Path | None) -> int:
+    """Run the fedtune ``command`` (e.g. ``["train", "--set", "fl.rounds=5"]``) in the ``image``, with the
+    ``workspace`` mounted and the ``hf_cache`` as the Hugging Face cache (None: a throwaway one); the worst exit code
+    of its containers, 130 when stopped with Ctrl-C."""
     if not command:
         raise LaunchError("name the fedtune command to run after --, e.g. fedtune launch -- train")
-    hf_cache = Path(args.hf_cache).expanduser().resolve() if args.hf_cache else None
     if hf_cache is not None:
         hf_cache.mkdir(parents=True, exist_ok=True)  # else the engine creates it, owned by root
     specs = container_specs(
         command,
-        image=args.image,
-        gpus=args.gpus,
-        per_gpu=args.per_gpu,
-        workspace=args.workspace.resolve(),
+        image=image,
+        gpus=gpus,
+        per_gpu=per_gpu,
+        workspace=workspace.resolve(),
         env=os.environ,
         hf_cache=hf_cache,
         name_prefix=f"fedtune-{secrets.token_hex(3)}",

@@ -1,20 +1,24 @@
-"""``fedtune prepare`` and ``fedtune partition``: the data stages of the DVC pipeline (dvc.yaml).
+"""The data stages of the DVC pipeline (dvc.yaml), behind ``fedtune prepare`` and ``fedtune partition``.
 
-prepare writes one task's cleaned train/validation/test splits; partition cuts a prepared training set over K clients
-and writes the split with per-client statistics and a label-histogram plot. Every path comes from the command line.
+``prepare_task`` writes one task's cleaned train/validation/test splits; ``partition_task`` cuts a prepared training
+set over K clients and writes the split with per-client statistics and a label-histogram plot. Every path is an
+argument: the command line names them.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from training import config
 from training.config import ConfigError
+
+if TYPE_CHECKING:  # pandas and pyarrow load only when a stage runs
+    from training.data import Task
 
 ALPHA_SCHEMES = ("dirichlet", "quantity")  # the schemes partition.alpha shapes; the others ignore it
 
@@ -32,26 +36,14 @@ def task_config(params: dict, name: str) -> config.DataConfig:
         raise ConfigError(f"prepare.tasks.{name} (keys as in the data section): {err}") from err
 
 
-def add_prepare(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--params", metavar="PATH", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("--task", required=True, help="a task under prepare.tasks in the params file")
-    parser.add_argument("--out", metavar="DIR", required=True, help="folder for train/validation/test.parquet and "
-                        "meta.json; `fedtune train --set data.source=DIR` reads it")
-
-
-def run_prepare(args: argparse.Namespace) -> int:
+def prepare_task(params: dict, name: str, out: Path) -> Task:
+    """Load, clean and split the task ``prepare.tasks.<name>`` of ``params`` into ``out``; returns the Task."""
     from training.data import load_task, write_prepared
 
-    path = Path(args.params)
-    if not path.is_file():
-        raise ConfigError(f"--params {path}: file not found")
     # the prepared task is named after its params key, which names its runs in MLflow and its files in the pipeline
-    params = config.parse_yaml(path.read_text(), f"--params {path}") or {}
-    task = dataclasses.replace(load_task(task_config(params, args.task)), name=args.task)
-    write_prepared(task, Path(args.out))
-    print(f"fedtune: {args.task}: {len(task.train)} train / {len(task.validation)} validation / {len(task.test)} test "
-          f"texts in {len(task.label_names)} classes -> {args.out}")
-    return 0
+    task = dataclasses.replace(load_task(task_config(params, name)), name=name)
+    write_prepared(task, out)
+    return task
 
 
 # partition -----------------------------------------------------------------------------------------------------------
@@ -93,47 +85,43 @@ def plot_split(stats: dict, label_names: list[str], title: str, path: Path) -> N
     fig.savefig(path, dpi=100)
 
 
-def add_partition(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prepared", metavar="DIR", required=True, help="a task folder from `fedtune prepare`")
-    parser.add_argument("--clients", metavar="K", type=int, required=True, help="number of clients")
-    parser.add_argument("--scheme", required=True, choices=config.SCHEMES,
-                        help="iid (the paper's) | shards (label-sorted) | dirichlet (label skew) | quantity (size skew)")
-    parser.add_argument("--alpha", type=float, default=config.PartitionConfig.alpha,
-                        help=f"Dirichlet concentration for {' and '.join(ALPHA_SCHEMES)}; small = skewed "
-                             f"(default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=config.PartitionConfig.seed, help="default: %(default)s")
-    parser.add_argument("--out", metavar="FILE", required=True, help="client split JSON for `fedtune train --split`")
-    parser.add_argument("--stats", metavar="FILE", required=True,
-                        help="the split's summary JSON: client sizes and label skew (a DVC metric)")
-    parser.add_argument("--client-stats", metavar="FILE", help="each client's size, label histogram and label skew")
-    parser.add_argument("--plot", metavar="PNG", help="per-client label histogram (stacked bars)")
-
-
-def run_partition(args: argparse.Namespace) -> int:
+def partition_task(prepared: Path, clients: int, scheme: str, alpha: float, seed: int, out: Path, stats: Path,
+                   client_stats: Path | None = None, plot: Path | None = None) -> tuple[str, dict]:
+    """Split the training set of the ``prepared`` task folder over ``clients``; write the split (``out``), its summary
+    (``stats``) and optionally each client's statistics and a plot. Returns (the task's name, the summary)."""
     from training.data import read_prepared
     from training.partition import partition, save_split
 
-    task = read_prepared(Path(args.prepared))
+    task = read_prepared(prepared)
     labels = task.train.labels
     try:
-        parts = partition(labels, args.clients, args.scheme, args.alpha, args.seed)
+        parts = partition(labels, clients, scheme, alpha, seed)
     except ConfigError as err:
-        raise ConfigError(f"partition of {args.prepared} ({len(labels)} training texts) into --clients "
-                          f"{args.clients} with --scheme {args.scheme}: {err}") from err
+        raise ConfigError(f"partition of {prepared} ({len(labels)} training texts) into --clients {clients} with "
+                          f"--scheme {scheme}: {err}") from err
     # alpha goes into the file only where it shapes the split, so changing it leaves IID splits byte-identical
-    meta = {"task": task.name, "dataset_fingerprint": task.fingerprint, "scheme": args.scheme,
-            "clients": args.clients, "seed": args.seed, **({"alpha": args.alpha} if args.scheme in ALPHA_SCHEMES else {})}
-    save_split(parts, Path(args.out), meta)
-    stats = split_stats(parts, labels, task.label_names)
-    _write_json(Path(args.stats), stats["summary"])
-    if args.client_stats:
-        _write_json(Path(args.client_stats), stats["clients"])
-    if args.plot:
-        plot_split(stats, task.label_names, f"{task.name}: {args.scheme}, K={args.clients}", Path(args.plot))
-    summary = stats["summary"]
-    print(f"fedtune: {task.name} -> {args.clients} clients ({args.scheme}): sizes {summary['size_min']}.."
-          f"{summary['size_max']}, mean label TV distance {summary['tv_mean']:.3f} -> {args.out}")
-    return 0
+    meta = {"task": task.name, "dataset_fingerprint": task.fingerprint, "scheme": scheme, "clients": clients,
+            "seed": seed, **({"alpha": alpha} if scheme in ALPHA_SCHEMES else {})}
+    save_split(parts, out, meta)
+    computed = split_stats(parts, labels, task.label_names)
+    _write_json(stats, computed["summary"])
+    if client_stats:
+        _write_json(client_stats, computed["clients"])
+    if plot:
+        plot_split(computed, task.label_names, f"{task.name}: {scheme}, K={clients}", plot)
+    return task.name, computed["summary"]
+
+
+# the config keys a split file's meta records: a run on the split takes them from there
+SPLIT_SETUP = {"clients": "fl.num_clients", "scheme": "partition.scheme"}
+
+
+def split_setup(path: Path) -> dict[str, Any]:
+    """``{"fl.num_clients": K, "partition.scheme": ...}`` as ``partition_task`` recorded them in the split file's meta;
+    empty for a split written some other way. The file must already have passed ``partition.load_split``."""
+    meta = json.loads(Path(path).read_text()).get("meta")
+    meta = meta if isinstance(meta, dict) else {}
+    return {key: meta[name] for name, key in SPLIT_SETUP.items() if name in meta}
 
 
 def _write_json(path: Path, value: dict) -> None:

@@ -1,4 +1,5 @@
-"""``fedtune evaluate`` and ``fedtune promote``: score a registered model on a split of its task, move an alias to it.
+"""Registered models: what a model reference (``models:/NAME@ALIAS``, a run id...) names, and ``fedtune evaluate``,
+which scores that model on a split of its task.
 
 Each evaluation is its own MLflow run (experiment ``fedtune-evaluation``) linked to the model version, and the
 version's tags keep its latest scores, so ``promote`` compares versions without evaluating them again.
@@ -59,12 +60,12 @@ def resolve(client, ref: str) -> Target:
     if kind == "run":
         return _run_target(client, parts[0])
     name, which = parts
-    registered = _registered_model(client, name)
+    registered = registered_model(client, name)
     version = registered.aliases.get(which) if kind == "alias" else which
     if version is None:
         held = ", ".join(f"@{a} (version {v})" for a, v in sorted(registered.aliases.items())) or "none"
         raise ConfigError(f"model {name!r} has no alias {which!r}; its aliases: {held}. Pass one of those, or "
-                          f"models:/{name}/VERSION with one of versions {_versions(client, name)}")
+                          f"models:/{name}/VERSION with one of versions {versions(client, name)}")
     return version_target(client, name, str(version))
 
 
@@ -74,15 +75,16 @@ def version_target(client, name: str, version: str) -> Target:
     try:
         found = client.get_model_version(name, version)
     except MlflowException as err:
-        versions = _versions(client, name)
-        raise ConfigError(f"model {name!r} has no version {version}; its versions are {versions}") from err
+        known = versions(client, name)
+        raise ConfigError(f"model {name!r} has no version {version}; its versions are {known}") from err
     # MLflow 3 registers a logged model by the model's own URI, models:/m-<id>
     logged = found.source.startswith("models:/m-")
     model_id = found.model_id or (found.source.removeprefix("models:/") if logged else None)
     return Target(f"models:/{name}/{version}", found.run_id, model_id, name, version)
 
 
-def _registered_model(client, name: str):
+def registered_model(client, name: str):
+    """MLflow's registered model ``name``; an unknown name is a ConfigError listing the registered ones."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -92,27 +94,27 @@ def _registered_model(client, name: str):
         raise ConfigError(f"no registered model named {name!r}; registered models: {', '.join(known)}") from err
 
 
-def _versions(client, name: str) -> list[int]:
-    return sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+def versions(client, name: str) -> list[int]:
+    """The model's version numbers, for the messages that say what to pass."""
+    from training.tracking import quoted
+
+    return sorted(int(v.version) for v in client.search_model_versions(f"name = {quoted(name)}"))
 
 
 def _run_target(client, run_id: str) -> Target:
-    from mlflow.exceptions import MlflowException
+    from training.tracking import get_run, quoted
 
-    try:
-        run = client.get_run(run_id)
-    except MlflowException as err:
-        raise ConfigError(f"no MLflow run {run_id} in this tracking store; pass {REF_FORMS}") from err
+    run = get_run(client, run_id, f"no MLflow run {run_id} in this tracking store; pass {REF_FORMS}")
     # whatever its name: a training run logs one final model (the newest, should a resume have logged another)
     logged = client.search_logged_models(experiment_ids=[run.info.experiment_id],
-                                         filter_string=f"source_run_id='{run_id}'",
+                                         filter_string=f"source_run_id = {quoted(run_id)}",
                                          order_by=[{"field_name": "creation_timestamp", "ascending": False}])
     if not logged:
         raise ConfigError(f"run {run_id} has no logged model (was it trained with tracking.log_model=false, or did it "
                           f"fail?); pass a run that finished training, or models:/NAME@ALIAS")
     model_id = logged[0].model_id
     # a registered version of this model gets the evaluation's tags too
-    for version in client.search_model_versions(f"run_id='{run_id}'"):
+    for version in client.search_model_versions(f"run_id = {quoted(run_id)}"):
         if version.source == f"models:/{model_id}":
             return Target(f"models:/{model_id}", run_id, model_id, version.name, str(version.version))
     return Target(f"models:/{model_id}", run_id, model_id)
@@ -154,39 +156,6 @@ def trained_config(client, run_id: str) -> Config:
                           f"train") from err
 
 
-def report(labels, predictions, label_names: list[str], as_text: bool = False):
-    """Per-class precision, recall, F1 and support, with accuracy and macro averages (scikit-learn's report)."""
-    from sklearn.metrics import classification_report
-
-    return classification_report(labels, predictions, labels=list(range(len(label_names))), target_names=label_names,
-                                 zero_division=0, digits=4, output_dict=not as_text)
-
-
-def per_class_metrics(report_dict: dict, label_names: list[str]) -> dict[str, float]:
-    """``{"f1_positive": ..., "precision_positive": ..., "recall_positive": ...}``, keys safe for MLflow."""
-    out = {}
-    for name in label_names:
-        key = re.sub(r"[^\w\-. /]", "_", name)
-        for metric in ("precision", "recall", "f1"):
-            out[f"{metric}_{key}"] = report_dict[name]["f1-score" if metric == "f1" else metric]
-    return out
-
-
-def confusion_figure(labels, predictions, label_names: list[str], title: str):
-    """A confusion matrix with the label names on both axes (rows: true label, columns: predicted)."""
-    from matplotlib.figure import Figure
-    from sklearn.metrics import ConfusionMatrixDisplay
-
-    size = 3 + 0.6 * len(label_names)
-    figure = Figure(figsize=(size, size), layout="constrained")
-    axes = figure.subplots()
-    ConfusionMatrixDisplay.from_predictions(labels, predictions, labels=list(range(len(label_names))),
-                                            display_labels=label_names, ax=axes, colorbar=False,
-                                            xticks_rotation=45 if len(label_names) > 4 else "horizontal")
-    axes.set_title(title, fontsize="medium")
-    return figure
-
-
 @dataclass
 class Evaluation:
     target: Target
@@ -211,6 +180,8 @@ class Evaluation:
         return {**scores(self.labels, self.predictions), "loss": self.loss}
 
     def report(self, as_text: bool = False):
+        from training.evaluate import report
+
         return report(self.labels, self.predictions, self.task.label_names, as_text)
 
 
@@ -221,9 +192,9 @@ def score(client, target: Target, split: str, data: str | None = None, overrides
 
     from training import dataref
     from training.data import load_task
+    from training.devices import pick_device
     from training.evaluate import predict
     from training.features import collator, encode_task
-    from training.study import pick_device
 
     trained = trained_config(client, target.run_id)
     recorded = client.get_run(target.run_id).data.tags
@@ -254,6 +225,7 @@ def log_evaluation(client, evaluation: Evaluation) -> str:
     from mlflow.entities import Metric, Param
 
     from training import tracking
+    from training.evaluate import confusion_figure, per_class_metrics
 
     target, task, split = evaluation.target, evaluation.task, evaluation.split
     tags = {"fedtune.evaluation": "true", "model.uri": str(target), "model.source_run_id": target.run_id,
@@ -321,65 +293,3 @@ def evaluate(client, target: Target, split: str, data: str | None = None, overri
     return {"model": str(target), "source_run_id": target.run_id, "evaluation_run_id": run_id, "split": split,
             "task": task.name, "dataset_fingerprint": task.fingerprint, "same_data_as_training": evaluation.same_data,
             **values, "report": evaluation.report()}
-
-
-# ---- promotion ------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Decision:
-    promoted: bool
-    version: str
-    score: float
-    holder: str | None  # the version that held the alias before
-    holder_score: float | None
-
-    def explain(self, alias: str, split: str, metric: str) -> str:
-        ours = f"version {self.version}: {split} {metric} {self.score:.4f}"
-        if self.holder is None:
-            return f"promoted {ours}; no version held @{alias}"
-        sign, verb = (">", "promoted") if self.promoted else ("<=", "declined")
-        return f"{verb} {ours} {sign} {self.holder_score:.4f} of version {self.holder}, which holds @{alias}"
-
-
-def decide(version: str, score: float, holder: str | None, holder_score: float | None) -> Decision:
-    """Promote only on a strict improvement, so a tie keeps the version already serving."""
-    return Decision(holder is None or score > holder_score, version, score, holder, holder_score)
-
-
-def recorded_score(client, name: str, version: str, split: str, metric: str, out) -> tuple[float, str | None]:
-    """(score, dataset fingerprint) from the version's tags, evaluating it first when it has none."""
-    tags = client.get_model_version(name, version).tags
-    if f"eval.{split}.{metric}" not in tags:
-        print(f"version {version} has no {split} evaluation yet; evaluating it", file=out)
-        evaluate(client, version_target(client, name, version), split, out=out)
-        tags = client.get_model_version(name, version).tags
-    return float(tags[f"eval.{split}.{metric}"]), tags.get(f"eval.{split}.dataset")
-
-
-def promote(client, name: str, version: str | None, alias: str, from_alias: str, split: str, metric: str,
-            out=None) -> Decision | None:
-    """Move ``alias`` to the version when it beats the holder's score; returns None when it already holds it."""
-    out = out or sys.stdout
-    aliases = _registered_model(client, name).aliases
-    version = version or aliases.get(from_alias)
-    if version is None:
-        raise ConfigError(f"model {name!r} has no alias {from_alias!r}; pass --version with one of versions "
-                          f"{_versions(client, name)} or --from with one of its aliases {sorted(aliases)}")
-    version = version_target(client, name, str(version)).version  # an unknown --version is refused here
-    holder = str(aliases[alias]) if alias in aliases else None
-    if holder == version:
-        print(f"version {version} already holds @{alias}; nothing to do", file=out)
-        return None
-    ours, data = recorded_score(client, name, version, split, metric, out)
-    theirs, their_data = recorded_score(client, name, holder, split, metric, out) if holder else (None, data)
-    if data != their_data:
-        raise ConfigError(f"versions {version} and {holder} were last evaluated on different data ({data} vs "
-                          f"{their_data}); evaluate both on the same --data, then promote again")
-    decision = decide(version, ours, holder, theirs)
-    if decision.promoted:
-        client.set_registered_model_alias(name, alias, version)
-    message = decision.explain(alias, split, metric)
-    client.set_model_version_tag(name, version, f"promote.{alias}", message)
-    print(message, file=out)
-    return decision

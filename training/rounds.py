@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,29 +18,10 @@ import torch
 from tqdm.auto import tqdm
 
 from training import aggregate, checkpoint, divergence
+from training.callbacks import Callback
 from training.evaluate import evaluate
-from training.executor import run_clients
-
-
-class Callback:
-    """Receives values from the loop; ``after_round`` returning True stops the run after that round."""
-
-    def after_round(self, round_: int, metrics: dict[str, float], clients: list[dict]) -> bool:
-        return False
-
-    def after_checkpoint(self, round_: int, path: Path) -> None:
-        pass
-
-
-class InProcess:
-    """The default executor: every client of a round trains in this process."""
-
-    is_main = True
-    device = None  # runtime.device decides
-    run_cohort = staticmethod(run_clients)
-
-    def agree(self, stop: bool) -> bool:
-        return stop
+from training.executor import CohortResult, Executor, InProcess
+from training.federation import Federation
 
 
 @dataclass
@@ -67,7 +49,7 @@ def _state_bytes(state: dict[str, torch.Tensor], floats_only: bool) -> int:
     return sum(v.numel() * v.element_size() for v in state.values() if v.is_floating_point() or not floats_only)
 
 
-def _round_metrics(result, global_state, cosine: dict[int, float]) -> tuple[dict, list[dict]]:
+def _round_metrics(result: CohortResult, global_state, cosine: dict[int, float]) -> tuple[dict, list[dict]]:
     clients = [
         {
             "client": c.client, "train_loss": c.train_loss, "samples": c.num_samples, "steps": c.steps,
@@ -90,11 +72,12 @@ def _round_metrics(result, global_state, cosine: dict[int, float]) -> tuple[dict
     return metrics, clients
 
 
-def run(study, callbacks=(), checkpoint_dir: Path | None = None, start: checkpoint.Checkpoint | None = None,
-        executor=None) -> tuple[History, dict[str, torch.Tensor]]:
+def run(federation: Federation, callbacks: Sequence[Callback] = (), checkpoint_dir: Path | None = None,
+        start: checkpoint.Checkpoint | None = None,
+        executor: Executor | None = None) -> tuple[History, dict[str, torch.Tensor]]:
     """Run rounds ``start.round + 1 .. fl.rounds``; returns the per-round history and the final global weights."""
-    cfg, executor = study.config, executor or InProcess()
-    global_state = start.global_state if start else study.global_state()
+    cfg, executor = federation.config, executor or InProcess()
+    global_state = start.global_state if start else federation.global_state()
     history = History(list(start.history) if start else [])
     if start is not None and start.rng_state is not None:
         torch.set_rng_state(start.rng_state)
@@ -105,10 +88,11 @@ def run(study, callbacks=(), checkpoint_dir: Path | None = None, start: checkpoi
         cohort = sample_cohort(cfg.fl.num_clients, cfg.fl.client_fraction, cfg.fl.seed, round_)
 
         # 2. train each client from the global model (through the executor)
-        steps = sum(math.ceil(len(study.parts[c]) / cfg.client.batch_size) for c in cohort) * cfg.client.local_epochs
+        batches = sum(math.ceil(len(federation.parts[c]) / cfg.client.batch_size) for c in cohort)
+        steps = batches * cfg.client.local_epochs
         with tqdm(total=steps, desc=f"round {round_}/{cfg.fl.rounds}", unit="step", leave=False,
                   disable=not executor.is_main) as progress:
-            result = executor.run_cohort(study, global_state, cohort, round_, progress)
+            result = executor.run_cohort(federation, global_state, cohort, round_, progress)
 
         # 3. aggregate: the sample-weighted mean of the client models
         tic = time.perf_counter()
@@ -127,9 +111,9 @@ def run(study, callbacks=(), checkpoint_dir: Path | None = None, start: checkpoi
         # 5. evaluate the global model on the validation split
         if round_ % cfg.fl.eval_every == 0 or round_ == cfg.fl.rounds:
             tic = time.perf_counter()
-            study.model.load_state_dict(global_state)
-            val = evaluate(study.model, study.encoded["validation"], study.collate, cfg.runtime.eval_batch_size,
-                           study.where)
+            federation.model.load_state_dict(global_state)
+            val = evaluate(federation.model, federation.encoded["validation"], federation.collate,
+                           cfg.runtime.eval_batch_size, federation.where)
             metrics.update({f"val_{k}": v for k, v in val.items()}, eval_seconds=time.perf_counter() - tic)
         metrics["round_seconds"] = time.perf_counter() - started
         history.rounds.append({"round": round_, **metrics})
@@ -141,7 +125,7 @@ def run(study, callbacks=(), checkpoint_dir: Path | None = None, start: checkpoi
         last = round_ == cfg.fl.rounds or stop
         if checkpoint_dir is not None and (round_ % cfg.fl.checkpoint_every == 0 or last):
             path = checkpoint.save(checkpoint.Checkpoint(
-                round_, global_state, study.config.to_dict(), history.rounds, torch.get_rng_state()), checkpoint_dir)
+                round_, global_state, cfg.to_dict(), history.rounds, torch.get_rng_state()), checkpoint_dir)
             for cb in callbacks:
                 cb.after_checkpoint(round_, path)
 
@@ -149,5 +133,5 @@ def run(study, callbacks=(), checkpoint_dir: Path | None = None, start: checkpoi
         if executor.agree(stop):
             history.stopped_early = round_ < cfg.fl.rounds
             break
-    study.model.load_state_dict(global_state)
+    federation.model.load_state_dict(global_state)
     return history, global_state

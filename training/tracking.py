@@ -10,7 +10,6 @@ paragraph naming the server (``TrackingUnavailable``); what was not yet sent sta
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import os
 import re
@@ -22,12 +21,14 @@ import time
 from pathlib import Path
 
 import mlflow
+from filelock import FileLock
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from training import __version__, checkpoint, store
+from training.callbacks import Callback
+from training.config import ConfigError
 from training.reach import TrackingUnavailable, probe, short, unreachable
-from training.rounds import Callback
 from training.workdir import WorkDir, owner, owner_gone
 
 STORE = Path("mlruns")
@@ -66,8 +67,7 @@ def connect() -> MlflowClient:
         return MlflowClient(uri)
     lock_path = Path(uri.removeprefix("sqlite:///") + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with FileLock(lock_path):
         moved = store.open_embedded(folder)
         if moved:
             print(f"fedtune: {moved}", file=sys.stderr)
@@ -144,6 +144,27 @@ def experiment_id(client: MlflowClient, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+def get_run(client: MlflowClient, run_id: str, missing: str):
+    """The run ``run_id``; ``ConfigError(missing)`` when the store holds no such run (a typo, or another store)."""
+    try:
+        return client.get_run(run_id)
+    except mlflow.exceptions.MlflowException as err:
+        raise ConfigError(missing) from err
+
+
+def quoted(value: str) -> str:
+    """``value`` as a string literal of an MLflow search filter (a name, tag or id put into ``name = ...``).
+
+    MLflow's filter parser strips the outer quotes and reads the rest as is: it has no escape (``''`` or ``\\'``
+    would be searched literally), so the only safe quote is one the value does not hold.
+    """
+    for quote in ("'", '"'):
+        if quote not in value:
+            return f"{quote}{value}{quote}"
+    raise ConfigError(f"{value!r} holds both ' and \": MLflow's search syntax cannot match it; use a name with one "
+                      f"kind of quote at most")
+
+
 def git_commit() -> str:
     """The commit of the checkout fedtune's code runs from (not of the working directory), or "unknown"."""
     try:
@@ -154,34 +175,34 @@ def git_commit() -> str:
         return "unknown"
 
 
-def run_tags(study, extra: dict[str, str] | None = None) -> dict[str, str]:
+def run_tags(federation, extra: dict[str, str] | None = None) -> dict[str, str]:
     from mlflow.tracking.context.registry import resolve_tags
     from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
-    commit = git_commit()
+    commit, where = git_commit(), federation.where
     return {
         **resolve_tags(),  # MLflow's own: mlflow.user, mlflow.source.name and .type, which its UI shows
         **({MLFLOW_GIT_COMMIT: commit} if commit != "unknown" else {}),
         "fedtune.version": __version__,
         "git.commit": commit,
-        "device": f"{study.where.device}" + (f" ({_gpu_name()})" if study.where.device.type == "cuda" else ""),
-        "precision": str(study.where.dtype or "fp32"),
-        "task": study.task.name,
-        "model": study.config.model.name,
-        "dataset.fingerprint": study.task.fingerprint,
-        "split.fingerprint": study.split_fingerprint,
+        "device": f"{where.device}" + (f" ({_gpu_name()})" if where.device.type == "cuda" else ""),
+        "precision": str(where.dtype or "fp32"),
+        "task": federation.task.name,
+        "model": federation.config.model.name,
+        "dataset.fingerprint": federation.task.fingerprint,
+        "split.fingerprint": federation.split_fingerprint,
         # the rows the run used, whatever data.max_samples says (a prepared task is used whole)
-        **{f"data.{name}_rows": str(len(getattr(study.task, name))) for name in ("train", "validation", "test")},
+        **{f"data.{name}_rows": str(len(getattr(federation.task, name))) for name in ("train", "validation", "test")},
         **(extra or {}),
     }
 
 
-def logged_params(study) -> dict[str, str]:
+def logged_params(federation) -> dict[str, str]:
     """The flat config as MLflow params. A prepared task (its source a `fedtune prepare` folder, which remembers the
     original source) is read whole: data.max_samples did not pick its rows, so the param says how many there were."""
-    params = {k: str(v) for k, v in study.config.flat().items()}
-    if study.task.source != study.config.data.source:
-        rows = sum(len(getattr(study.task, split)) for split in ("train", "validation", "test"))
+    params = {k: str(v) for k, v in federation.config.flat().items()}
+    if federation.task.source != federation.config.data.source:
+        rows = sum(len(getattr(federation.task, split)) for split in ("train", "validation", "test"))
         params["data.max_samples"] = f"{rows} (all rows of the prepared task; data.max_samples does not apply)"
     return params
 
@@ -192,16 +213,17 @@ def _gpu_name() -> str:
     return torch.cuda.get_device_name()
 
 
-def start_run(client: MlflowClient, study, run_name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:
+def start_run(client: MlflowClient, federation, run_name: str, tags: dict[str, str],
+              parent_run_id: str | None = None) -> str:
     """Create the run and log the full resolved config as params (and as ``config.json``)."""
     tags = {**tags, **owner()}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(experiment_id(client, study.config.tracking.experiment), run_name=run_name, tags=tags)
-    params = [Param(k, v[:6000]) for k, v in logged_params(study).items()]
+    run = client.create_run(experiment_id(client, federation.config.tracking.experiment), run_name=run_name, tags=tags)
+    params = [Param(k, v[:6000]) for k, v in logged_params(federation).items()]
     for i in range(0, len(params), 100):
         client.log_batch(run.info.run_id, params=params[i : i + 100])
-    client.log_dict(run.info.run_id, study.config.to_dict(), "config.json")
+    client.log_dict(run.info.run_id, federation.config.to_dict(), "config.json")
     return run.info.run_id
 
 
@@ -326,7 +348,7 @@ def sweep(client: MlflowClient, out=None) -> list[str]:
     host = socket.gethostname()
     experiments = [e.experiment_id for e in client.search_experiments()]
     running = client.search_runs(
-        experiments, f"attributes.status = 'RUNNING' and tags.`fedtune.host` = '{host}'", max_results=1000
+        experiments, f"attributes.status = 'RUNNING' and tags.`fedtune.host` = {quoted(host)}", max_results=1000
     ) if experiments else []
     swept = []
     for run in running:
@@ -348,25 +370,25 @@ def sweep(client: MlflowClient, out=None) -> list[str]:
 PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "tokenizers"]
 
 
-def log_model(client: MlflowClient, run_id: str, study, registered_name: str) -> str | None:
+def log_model(client: MlflowClient, run_id: str, federation, registered_name: str) -> str | None:
     """Log the final model with its tokenizer; register it and point the alias at the new version.
 
     Returns the registered version, or None when registration is off.
     """
-    register = study.config.tracking.register
+    register = federation.config.tracking.register
     with mlflow.start_run(run_id=run_id):
         info = mlflow.transformers.log_model(
-            transformers_model={"model": study.model.cpu(), "tokenizer": study.tokenizer},
+            transformers_model={"model": federation.model.cpu(), "tokenizer": federation.tokenizer},
             name=logged_model_name(registered_name),
             task="text-classification",
             pip_requirements=PIP_REQUIREMENTS,
             registered_model_name=registered_name if register else None,
         )
-    study.model.to(study.where.device)
+    federation.model.to(federation.where.device)
     if not register:
         return None
     version = str(info.registered_model_version)
-    client.set_registered_model_alias(registered_name, study.config.tracking.alias, version)
+    client.set_registered_model_alias(registered_name, federation.config.tracking.alias, version)
     return version
 
 

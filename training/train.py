@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from training import checkpoint, dataref, rounds, tracking
+from training.callbacks import Callback
 from training.config import Config, ConfigError, from_dict
 from training.evaluate import evaluate
+from training.executor import Executor, InProcess
+from training.federation import Federation, build
 from training.models import slug
-from training.study import Study, build
 from training.workdir import WorkDir, owned_here, owner_gone
 
 
@@ -45,9 +47,9 @@ class TrainResult:
         }
 
 
-def names(config: Config, study: Study) -> tuple[str, str]:
+def names(config: Config, federation: Federation) -> tuple[str, str]:
     """(run name, registered model name), derived from task, model and K unless the config sets them."""
-    base = f"{study.task.name}-{slug(config.model.name)}"
+    base = f"{federation.task.name}-{slug(config.model.name)}"
     run_name = config.tracking.run_name or f"{base}-K{config.fl.num_clients}"
     return run_name, config.tracking.registered_name or base
 
@@ -59,17 +61,17 @@ def train(
     callbacks: tuple = (),
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
-    executor=None,
+    executor: Executor | None = None,
     out=None,
     from_round: int | None = None,
 ) -> TrainResult:
-    """Run (or, with ``resume=RUN_ID``, continue) a federated study and track it in MLflow.
+    """Run (or, with ``resume=RUN_ID``, continue) a federated run and track it in MLflow.
 
     Under torchrun every worker calls this; only the main one tracks, and the others return None.
     ``from_round`` resumes from an earlier kept checkpoint than the newest (e.g. when the newest is damaged).
     """
     out = out or sys.stdout
-    executor = executor or rounds.InProcess()
+    executor = executor or InProcess()
     # Workers other than the main one touch MLflow only to fetch a checkpoint (the store exists by then).
     client = tracking.patient_client(config.tracking.retry_seconds) if executor.is_main or resume else None
     if executor.is_main:
@@ -80,44 +82,46 @@ def train(
         config = from_dict(start.config)
         client.seconds = config.tracking.retry_seconds
         split = split if split is not None else _recorded_split(client, resume)
-    study = build(config, split, device=executor.device)
+    federation = build(config, split, device=executor.device)
     if not executor.is_main:
-        rounds.run(study, (), None, start, executor)
+        rounds.run(federation, (), None, start, executor)
         return None
-    run_name, registered = names(config, study)
+    run_name, registered = names(config, federation)
     recorded = {**dataref.tags(config.data.source), **(tags or {})}  # so that evaluate finds the data from anywhere
-    run_id = resume or tracking.start_run(client, study, run_name, tracking.run_tags(study, recorded), parent_run_id)
+    run_id = resume or tracking.start_run(client, federation, run_name, tracking.run_tags(federation, recorded),
+                                          parent_run_id)
     work = WorkDir(tracking.tracking_uri(), run_id)
     if resume:
-        metrics = _reopen(client, run_id, study, start, work, from_round)
+        metrics = _reopen(client, run_id, federation, start, work, from_round)
     else:
         metrics = tracking.Metrics(client, run_id, work)
-    print(f"fedtune: run {run_id} ({run_name}) on {study.where.device}; "
-          f"{len(study.task.train.texts)} training texts over {config.fl.num_clients} clients", file=out, flush=True)
+    print(f"fedtune: run {run_id} ({run_name}) on {federation.where.device}; "
+          f"{len(federation.task.train.texts)} training texts over {config.fl.num_clients} clients",
+          file=out, flush=True)
     tracker = tracking.MlflowCallback(metrics, config.fl.keep_checkpoints)
     try:
-        history, _ = rounds.run(study, (tracker, _Printer(out), *callbacks), work.checkpoints, start, executor)
-        test = evaluate(study.model, study.encoded["test"], study.collate, config.runtime.eval_batch_size,
-                        study.where)
+        history, _ = rounds.run(federation, (tracker, _Printer(out), *callbacks), work.checkpoints, start, executor)
+        test = evaluate(federation.model, federation.encoded["test"], federation.collate,
+                        config.runtime.eval_batch_size, federation.where)
         metrics.log("test", {tracking.metric_key(f"test_{k}"): v for k, v in test.items()}, history.rounds[-1]["round"])
-        version = client.call(tracking.log_model, client, run_id, study, registered,
+        version = client.call(tracking.log_model, client, run_id, federation, registered,
                               doing="logging the model") if config.tracking.log_model else None
     except BaseException as err:  # NaN loss, Ctrl-C, an outage, any failure: mark the run FAILED, keep checkpoints
         _fail(client, run_id, work, err)
         raise
     tracking.finish(client, run_id, ok=True)
     work.clean()
-    labels = study.task.validation.labels
+    labels = federation.task.validation.labels
     result = TrainResult(run_id, history, test, registered, version, float(np.bincount(labels).max() / len(labels)))
     _print_summary(result, config, out)
     return result
 
 
-def _reopen(client, run_id: str, study: Study, start: checkpoint.Checkpoint, work: WorkDir,
+def _reopen(client, run_id: str, federation: Federation, start: checkpoint.Checkpoint, work: WorkDir,
             from_round: int | None) -> tracking.Metrics:
     """Take a resumed run back: same split, RUNNING again and owned by this process, with what an earlier process
     held back sent now; its metrics logger knows every point the run holds, so a rerun round adds none twice."""
-    _check_same_split(client, run_id, study)
+    _check_same_split(client, run_id, federation)
     client.update_run(run_id, status="RUNNING")
     if "failure_reason" in client.get_run(run_id).data.tags:
         client.delete_tag(run_id, "failure_reason")
@@ -125,7 +129,7 @@ def _reopen(client, run_id: str, study: Study, start: checkpoint.Checkpoint, wor
     metrics = tracking.Metrics(client, run_id, work, tracking.logged_points(client, run_id))
     metrics.flush()
     if from_round is None:  # a kill between an upload and its pruning leaves one checkpoint too many
-        tracking.prune_checkpoints(client, run_id, start.history, study.config.fl.keep_checkpoints)
+        tracking.prune_checkpoints(client, run_id, start.history, federation.config.fl.keep_checkpoints)
     return metrics
 
 
@@ -146,7 +150,7 @@ def _fail(client, run_id: str, work: WorkDir, err: BaseException) -> None:
                       f"what was not sent stays in {work.path}; resume with `fedtune train --resume {run_id}`")
 
 
-def _resume_point(client, run_id: str, from_round: int | None, executor, out) -> checkpoint.Checkpoint:
+def _resume_point(client, run_id: str, from_round: int | None, executor: Executor, out) -> checkpoint.Checkpoint:
     """The checkpoint to continue from: the newest kept one (after the main worker has uploaded any this machine
     still held), or ``from_round``; each file checked against its recorded hash."""
     work = WorkDir(tracking.tracking_uri(), run_id)
@@ -189,12 +193,7 @@ def _intact(client, run_id: str, round_: int, into: Path) -> bool:
 
 
 def _check_resumable(client, run_id: str) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        run = client.get_run(run_id)
-    except MlflowException as err:
-        raise ConfigError(f"--resume {run_id}: no such MLflow run at {tracking.tracking_uri()}") from err
+    run = tracking.get_run(client, run_id, f"--resume {run_id}: no such MLflow run at {tracking.tracking_uri()}")
     if run.info.status == "FINISHED":
         raise ConfigError(f"--resume {run_id}: the run is FINISHED (evaluated on the test split, its model logged); "
                           f"resuming would evaluate, log and register it a second time. Start a new run instead, "
@@ -218,14 +217,14 @@ def _recorded_split(client, run_id: str) -> list[np.ndarray] | None:
     return load_split(Path(path))
 
 
-def _check_same_split(client, run_id: str, study: Study) -> None:
+def _check_same_split(client, run_id: str, federation: Federation) -> None:
     recorded = client.get_run(run_id).data.tags.get("split.fingerprint")
-    if recorded and recorded != study.split_fingerprint:
+    if recorded and recorded != federation.split_fingerprint:
         raise ConfigError(f"--resume {run_id}: the client split differs from the run's ({recorded}); "
                           f"pass the same --split file the run was started with")
 
 
-class _Printer(rounds.Callback):
+class _Printer(Callback):
     """One line per round on the terminal."""
 
     def __init__(self, out):

@@ -11,35 +11,17 @@ import os
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from training import optuna_storage
+from training import optuna_storage, tune_tracking
+from training.callbacks import Callback
 from training.config import Config
 
-PARENT_ATTR = "mlflow_parent_run_id"  # study user attr: where trials and workers find the parent run
 SETUP_ATTR = "setup"  # study user attr: what every trial of the study shares (see ``setup``)
 MAX_RETRY = 2  # a trial whose worker died is rerun at most this often, so a trial that kills its worker cannot loop
-SETTLE_SECONDS = 1.0  # lets runs created by workers starting together commit before the earliest one is chosen
 POLL_SECONDS = 1.0  # how often a worker waiting for other workers' trials looks at the study
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
-
-
-@dataclass
-class Tally:
-    """Where a study stands, counted over all its workers."""
-
-    complete: int = 0
-    pruned: int = 0
-    failed: int = 0
-    rounds_saved: int = 0  # rounds the pruned trials did not run
-    best_value: float | None = None
-    best_params: dict = field(default_factory=dict)
-    best_trial: int | None = None
-
-    @property
-    def finished(self) -> int:
-        return self.complete + self.pruned
 
 
 @dataclass
@@ -50,7 +32,7 @@ class TuneResult:
     requested: int
     ran: int  # trials this worker ran
     seconds: float  # this worker's wall time
-    tally: Tally
+    tally: tune_tracking.Tally
 
 
 def write_best(path: Path, params: dict, note: str) -> None:
@@ -85,11 +67,11 @@ def tune(config: Config, split=None, out=None) -> TuneResult:
             pruner=make_pruner(config),
         )
         check_setup(study, shared)
-        parent = parent_run(client, config, study, shown)
+        parent = tune_tracking.parent_run(client, config, study, shown)
 
         # 3. run the trials the study still lacks
         earlier = len(study.trials)
-        missing = config.tune.trials - tally(study).finished
+        missing = config.tune.trials - tune_tracking.tally(study).finished
         if missing > 0:
             client.update_run(parent, status="RUNNING")
             run_trials(study, config, objective(config, split, client, parent, out), client, parent, out)
@@ -98,9 +80,9 @@ def tune(config: Config, split=None, out=None) -> TuneResult:
                   f"nothing to run (raise --trials to extend it)", file=out)
 
         # 4. the study's standing, best params and plots on the parent run
-        result = tally(study)
-        log_tally(client, parent, study, config.tune.trials, len(study.trials))
-        log_plots(client, parent, study, result.complete)
+        result = tune_tracking.tally(study)
+        tune_tracking.log_tally(client, parent, study, config.tune.trials, len(study.trials))
+        tune_tracking.log_plots(client, parent, study, result.complete)
     except Exception as err:
         down = optuna_storage.unavailable(storage)
         if down is None:
@@ -130,13 +112,14 @@ def run_trials(study, config: Config, run_one, client, parent: str, out) -> None
         config.tune.trials, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING))
 
     def progress(study, trial):
-        log_tally(client, parent, study, config.tune.trials, trial.number)
+        tune_tracking.log_tally(client, parent, study, config.tune.trials, trial.number)
 
-    while (missing := config.tune.trials - tally(study).finished) > 0:
+    while (missing := config.tune.trials - tune_tracking.tally(study).finished) > 0:
         before = config.tune.trials - missing
         study.optimize(run_one, n_trials=missing, catch=(NonFiniteLoss,), callbacks=[fail_stale, stop, progress])
         wait_for_running(study, config.tune.heartbeat_seconds, out)
-        if tally(study).finished == before and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        stalled = tune_tracking.tally(study).finished == before
+        if stalled and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             return  # every trial of this pass failed by itself (say, a diverging lr): stop rather than loop
 
 
@@ -228,23 +211,10 @@ def make_pruner(config: Config):
     return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
 
 
-def tally(study) -> Tally:
-    from optuna.trial import TrialState
-
-    trials = study.get_trials(deepcopy=False)
-    count = {state: sum(t.state == state for t in trials) for state in TrialState}
-    result = Tally(count[TrialState.COMPLETE], count[TrialState.PRUNED], count[TrialState.FAIL],
-                   sum(t.user_attrs.get("rounds_saved", 0) for t in trials if t.state == TrialState.PRUNED))
-    if result.complete:
-        best = study.best_trial
-        result.best_value, result.best_params, result.best_trial = best.value, best.params, best.number
-    return result
-
-
 # one trial ------------------------------------------------------------------------------------------------------------
-class Pruning:
-    """The round loop's callback (``training.rounds.Callback``, not imported here to keep torch out of --help):
-    reports each evaluated round's validation accuracy to Optuna and stops the run when the pruner says so."""
+class Pruning(Callback):
+    """The round loop's callback: reports each evaluated round's validation accuracy to Optuna and stops the run
+    when the pruner says so."""
 
     def __init__(self, trial, rounds: int):
         self.trial, self.rounds, self.pruned = trial, rounds, False
@@ -256,9 +226,6 @@ class Pruning:
         # Pruning at the last round saves nothing and would hide a finished trial's value.
         self.pruned = round_ < self.rounds and self.trial.should_prune()
         return self.pruned
-
-    def after_checkpoint(self, round_: int, path: Path) -> None:
-        pass
 
 
 def suggest(trial, key: str, spec: dict):
@@ -277,7 +244,6 @@ def objective(config: Config, split, client, parent: str, out):
     """
     import optuna
 
-    from training import tracking
     from training.train import train
 
     def run_trial(trial) -> float:
@@ -298,18 +264,16 @@ def objective(config: Config, split, client, parent: str, out):
         try:
             result = train(trial_config, split, callbacks=(pruning,), parent_run_id=parent, tags=tags, out=out)
         except Exception as err:  # train has marked its run FAILED; say so in the study's terms too
-            mark_failed(client, parent, trial.number, f"{type(err).__name__}: {err}")
+            tune_tracking.mark_failed(client, parent, trial.number, f"{type(err).__name__}: {err}")
             raise
         trial.set_user_attr("mlflow_run_id", result.run_id)
         if pruning.pruned:
             rounds_run = len(result.history.rounds)
             saved = config.fl.rounds - rounds_run
             trial.set_user_attr("rounds_saved", saved)
-            tracking.log_metrics(client, result.run_id, {"rounds_saved": saved}, rounds_run)
-            client.set_tag(result.run_id, "optuna.state", "pruned")
-            client.set_terminated(result.run_id, "KILLED")  # MLflow has no "pruned" status; the tag says which
+            tune_tracking.mark_pruned(client, result.run_id, rounds_run, saved)
             raise optuna.TrialPruned(f"pruned after round {rounds_run}; {saved} rounds saved")
-        client.set_tag(result.run_id, "optuna.state", "complete")
+        tune_tracking.mark_complete(client, result.run_id)
         return result.history.best() if config.tune.objective == "best" else result.history.last()
 
     return run_trial
@@ -318,17 +282,6 @@ def objective(config: Config, split, client, parent: str, out):
 def _frozen(trial):
     """The stored record of a running trial (the live ``Trial`` does not expose system attrs)."""
     return next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
-
-
-def mark_failed(client, parent: str, number: int, reason: str) -> None:
-    """Tag trial ``number``'s child run failed, and end it when its process could not (a killed worker)."""
-    from training import tracking
-
-    query = f"tags.`mlflow.parentRunId` = '{parent}' AND tags.`optuna.trial` = '{number}'"
-    for run in client.search_runs([client.get_run(parent).info.experiment_id], query):
-        client.set_tag(run.info.run_id, "optuna.state", "failed")
-        if run.info.status == "RUNNING":
-            tracking.finish(client, run.info.run_id, ok=False, reason=reason)
 
 
 def fail_stale(study, trial) -> None:
@@ -343,87 +296,9 @@ def retry_stale(study, trial) -> None:
     """Called (by Optuna, in a live worker) for a trial whose worker stopped beating: rerun it, same params."""
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-    from training import tracking
-
     with optuna_storage.quiet():
         RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
-    if PARENT_ATTR in study.user_attrs:
-        mark_failed(tracking.connect(), study.user_attrs[PARENT_ATTR], trial.number,
-                    "worker lost: no heartbeat; the trial is retried with the same params")
-
-
-# MLflow parent run ----------------------------------------------------------------------------------------------------
-def parent_run(client, config: Config, study, storage: str) -> str:
-    """The study's one parent run, found by its tags or else created.
-
-    Workers that start together may each create one; after a moment to let those commit, all keep the earliest
-    and the others delete their own (which has no children yet).
-    """
-    from mlflow.entities import Param
-
-    from training import tracking
-
-    experiment_id = tracking.experiment_id(client, config.tracking.experiment)
-    # the id tells a study from an earlier one of the same name that was deleted (Optuna keeps it private)
-    tags = {"optuna.study": study.study_name, "optuna.storage": storage, "optuna.study_id": str(study._study_id)}
-    query = " AND ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-
-    def earliest():
-        return min(client.search_runs([experiment_id], query), key=lambda r: (r.info.start_time, r.info.run_id),
-                   default=None)
-
-    found = earliest()
-    if found is None:
-        mine = client.create_run(experiment_id, run_name=study.study_name, tags=tags).info.run_id
-        # the params every trial shares; the sampled keys and the per-command total would only mislead here
-        shared = {k: v for k, v in config.flat().items() if k not in config.tune.space and k != "tune.trials"}
-        client.log_batch(mine, params=[Param(k, str(v)[:6000]) for k, v in shared.items()])
-        time.sleep(SETTLE_SECONDS)
-        found = earliest()
-        if found.info.run_id != mine:
-            client.delete_run(mine)
-    study.set_user_attr(PARENT_ATTR, found.info.run_id)
-    return found.info.run_id
-
-
-def log_tally(client, parent: str, study, requested: int, step: int) -> None:
-    """The study's counts, best value and best params on the parent run (best params as tags: params are immutable)."""
-    from mlflow.entities import RunTag
-
-    from training import tracking
-
-    now = tally(study)
-    tracking.log_metrics(client, parent, {
-        "trials_requested": requested, "trials_complete": now.complete, "trials_pruned": now.pruned,
-        "trials_failed": now.failed, "rounds_saved": now.rounds_saved,
-        **({"best_value": now.best_value} if now.best_value is not None else {}),
-    }, step)
-    if now.best_value is not None:
-        best = {f"best.{k}": str(v) for k, v in now.best_params.items()} | {"best.trial": str(now.best_trial)}
-        client.log_batch(parent, tags=[RunTag(k, v) for k, v in best.items()])
-        client.log_dict(parent, now.best_params, "best_params.yaml")
-
-
-def log_plots(client, parent: str, study, complete: int) -> None:
-    """Optuna's optimization-history, intermediate-values and parameter-importance plots as PNG artifacts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as plots
-
-    figures = {"optimization_history": plots.plot_optimization_history,
-               "intermediate_values": plots.plot_intermediate_values}
-    if complete >= 2:  # fANOVA needs two complete trials to compare
-        figures["param_importances"] = plots.plot_param_importances
-    else:
-        client.set_tag(parent, "plots.note", "parameter importances need at least 2 complete trials")
-    for name, plot in figures.items():
-        with optuna_storage.quiet():
-            figure = plot(study).figure
-        figure.tight_layout()
-        client.log_figure(parent, figure, f"plots/{name}.png")
-        plt.close(figure)
+    tune_tracking.mark_lost(study, trial.number)
 
 
 # summary --------------------------------------------------------------------------------------------------------------

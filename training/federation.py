@@ -9,15 +9,16 @@ import numpy as np
 import torch
 
 from training import divergence, partition, preflight
-from training.client import Device, client_seed
-from training.config import Config, ConfigError
+from training.client import client_seed
+from training.config import Config
 from training.data import Task
+from training.devices import Device, pick_device
 from training.features import Encoded, collator, encode_task
 from training.models import load_model, load_tokenizer
 
 
 @dataclass
-class Study:
+class Federation:
     config: Config
     task: Task
     tokenizer: object
@@ -42,21 +43,7 @@ class Study:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
 
-def pick_device(device: str, precision: str) -> Device:
-    """``auto`` uses CUDA when present, with bf16 autocast where the GPU supports it (else fp16)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("runtime.device='cuda' but no CUDA device is visible; use runtime.device=auto or cpu")
-    if precision == "auto":
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if dev.type == "cuda" else "fp32"
-    if precision == "fp16" and dev.type != "cuda":
-        raise ConfigError("runtime.precision='fp16' needs CUDA; use fp32 or bf16 on the CPU")
-    return Device(dev, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision])
-
-
-def build(config: Config, split: list[np.ndarray] | None = None, device: str | None = None) -> Study:
+def build(config: Config, split: list[np.ndarray] | None = None, device: str | None = None) -> Federation:
     """Load and check everything before any training starts, so bad input fails in seconds.
 
     ``device`` overrides ``runtime.device`` (a torchrun worker's own GPU).
@@ -68,4 +55,4 @@ def build(config: Config, split: list[np.ndarray] | None = None, device: str | N
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, task.label_names, config.fl.seed).to(where.device)
     encoded = encode_task(task, tokenizer, config.model.max_length)
-    return Study(config, task, tokenizer, model, encoded, split, where, divergence.signs(model.state_dict()))
+    return Federation(config, task, tokenizer, model, encoded, split, where, divergence.signs(model.state_dict()))
