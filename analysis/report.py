@@ -21,11 +21,17 @@ from training.models import slug
 # per-round metrics and their line styles; the legend names the client counts once, from the first metric
 ACCURACY = {"val_accuracy": "-"}
 DIVERGENCE = {"update_cosine_mean": "-", "update_cosine_min": ":"}
-FINAL = ("val_accuracy", "val_macro_f1", "test_accuracy", "test_macro_f1")  # a run's last logged values
-TABLE = {"task": "task", "model": "model", "scheme": "scheme", "clients": "K", "rounds": "rounds",
-         "lr": "client lr", "local_epochs": "local epochs",
+# a run's last logged values; test_client_mean_accuracy only with fl.evaluation=clients (the paper's protocol)
+FINAL = ("val_accuracy", "val_macro_f1", "test_accuracy", "test_macro_f1", "test_client_mean_accuracy")
+TABLE = {"task": "task", "model": "model", "scheme": "scheme", "strategy": "strategy", "clients": "K",
+         "rounds": "rounds", "lr": "client lr", "local_epochs": "local epochs",
          "val_accuracy": "val acc", "val_accuracy_best": "best val acc", "val_macro_f1": "val macro-F1",
-         "test_accuracy": "test acc", "test_macro_f1": "test macro-F1", "run_id": "MLflow run"}
+         "test_accuracy": "test acc", "test_macro_f1": "test macro-F1",
+         "test_client_mean_accuracy": "client-mean test acc", "run_id": "MLflow run"}
+OPTIONAL = ("test_client_mean_accuracy",)  # columns the table shows only when a run has them
+GRID = ["task", "model", "scheme", "strategy", "clients"]  # what tells the runs apart, in the table's order
+VARIANTS = ("scheme", "strategy")  # grid axes a figure's legend names only when the runs differ in them
+MARKERS = "osD^vP*X"  # one per strategy in the per-round figures
 
 
 def run_ids(folder: Path) -> list[str]:
@@ -44,7 +50,9 @@ def load_runs(client, ids: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
         run = tracking.get_run(client, run_id, f"run {run_id} is not in the MLflow store at {tracking.tracking_uri()}; "
                                "set MLFLOW_TRACKING_URI to the store the train stages used, or rerun them")
         point = {"run_id": run_id, "task": run.data.tags["task"], "model": slug(run.data.tags["model"]),
-                 "scheme": run.data.params["partition.scheme"], "clients": int(run.data.params["fl.num_clients"])}
+                 "scheme": run.data.params["partition.scheme"],
+                 "strategy": run.data.params.get("fl.strategy", "fedavg"),  # runs before strategies were FedAvg
+                 "clients": int(run.data.params["fl.num_clients"])}
         for metric in (*ACCURACY, *DIVERGENCE):
             rounds += [{**point, "round": m.step, "metric": metric, "value": m.value}
                        for m in client.get_metric_history(run_id, tracking.metric_key(metric))]
@@ -61,24 +69,32 @@ def _panels(rows: int, cols: int) -> tuple[Figure, list]:
     return fig, fig.subplots(rows, cols, squeeze=False)
 
 
-def _label(name: str, scheme: str, schemes: int) -> str:
-    """A legend entry; the scheme is named only when the grid has several."""
-    return name + (f" {scheme}" if schemes > 1 else "")
+def _varying(frame: pd.DataFrame) -> list[str]:
+    """The grid axes among VARIANTS in which the runs differ: the legend names those."""
+    return [axis for axis in VARIANTS if frame[axis].nunique() > 1]
 
 
-def plot_per_round(rounds: pd.DataFrame, metrics: dict, ylabel: str, path: Path) -> None:
-    """One panel per task (row) x model (column), one colour per client count, one line style per metric."""
+def _label(name: str, point: dict, varying: list[str]) -> str:
+    """A legend entry: ``name``, then the scheme and strategy of ``point`` where the grid has several."""
+    return " ".join([name, *(str(point[axis]) for axis in varying)])
+
+
+def plot_per_round(rounds: pd.DataFrame, metrics: dict, ylabel: str, path: Path) -> Figure:
+    """One panel per task (row) x model (column), one colour per client count, one line style per metric, one
+    marker per strategy."""
     tasks, models = sorted(rounds["task"].unique()), sorted(rounds["model"].unique())
-    schemes = rounds["scheme"].nunique()
+    varying = _varying(rounds)
     ks = sorted(rounds["clients"].unique())
     colors = dict(zip(ks, colormaps["viridis"]([0.9 * i / max(1, len(ks) - 1) for i in range(len(ks))])))
+    markers = dict(zip(sorted(rounds["strategy"].unique()), MARKERS))
     fig, axes = _panels(len(tasks), len(models))
-    for (task, model, clients, scheme, metric), curve in rounds[rounds["metric"].isin(metrics)].groupby(
-            ["task", "model", "clients", "scheme", "metric"]):
+    for (task, model, clients, scheme, strategy, metric), curve in rounds[rounds["metric"].isin(metrics)].groupby(
+            ["task", "model", "clients", "scheme", "strategy", "metric"]):
         ax = axes[tasks.index(task)][models.index(model)]
-        label = _label(f"K={clients}", scheme, schemes) if metric == next(iter(metrics)) else None
-        ax.plot(curve["round"], curve["value"], metrics[metric], marker="o", markersize=3, color=colors[clients],
-                label=label)
+        point = {"scheme": scheme, "strategy": strategy}
+        label = _label(f"K={clients}", point, varying) if metric == next(iter(metrics)) else None
+        ax.plot(curve["round"], curve["value"], metrics[metric], marker=markers[strategy], markersize=5,
+                color=colors[clients], label=label)
     for i, task in enumerate(tasks):
         for j, model in enumerate(models):
             ax = axes[i][j]
@@ -87,16 +103,19 @@ def plot_per_round(rounds: pd.DataFrame, metrics: dict, ylabel: str, path: Path)
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")
     _save(fig, path)
+    return fig
 
 
-def plot_final(runs: pd.DataFrame, path: Path) -> None:
-    """Final test accuracy against the client count: one panel per task, one line per model (and scheme)."""
+def plot_final(runs: pd.DataFrame, path: Path) -> Figure:
+    """Final test accuracy against the client count: one panel per task, one line per model (scheme, strategy)."""
     tasks, ks = sorted(runs["task"].unique()), sorted(runs["clients"].unique())
-    schemes = runs["scheme"].nunique()
+    varying = _varying(runs)
     fig, axes = _panels(1, len(tasks))
-    for (task, model, scheme), line in runs.sort_values("clients").groupby(["task", "model", "scheme"]):
+    for (task, model, scheme, strategy), line in runs.sort_values("clients").groupby(
+            ["task", "model", "scheme", "strategy"]):
         ax = axes[0][tasks.index(task)]
-        ax.plot(line["clients"], line["test_accuracy"], marker="o", label=_label(model, scheme, schemes))
+        label = _label(model, {"scheme": scheme, "strategy": strategy}, varying)
+        ax.plot(line["clients"], line["test_accuracy"], marker="o", label=label)
     for j, task in enumerate(tasks):
         ax = axes[0][j]
         ax.set(title=task, xlabel="clients K", ylabel="test accuracy after the last round", xscale="log")
@@ -105,6 +124,7 @@ def plot_final(runs: pd.DataFrame, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     _save(fig, path)
+    return fig
 
 
 def _save(fig: Figure, path: Path) -> None:
@@ -114,8 +134,9 @@ def _save(fig: Figure, path: Path) -> None:
 
 def markdown_table(runs: pd.DataFrame) -> str:
     """The runs as a Markdown table, one row per grid point."""
-    rows = runs.sort_values(["task", "model", "scheme", "clients"])[list(TABLE)]
-    lines = ["| " + " | ".join(TABLE.values()) + " |", "|" + "---|" * len(TABLE)]
+    columns = {key: name for key, name in TABLE.items() if key not in OPTIONAL or runs[key].notna().any()}
+    rows = runs.sort_values(GRID)[list(columns)]
+    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
     for row in rows.itertuples(index=False):
         lines.append("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row) + " |")
     return "\n".join(lines) + "\n"

@@ -50,6 +50,13 @@ CASES = [
     (sets("data.seed=-1"), "data.seed: must be >= 0, got -1"),
     (sets("partition.seed=-2"), "partition.seed: must be >= 0, got -2"),
     (sets("fl.seed=-3"), "fl.seed: must be >= 0, got -3"),
+    (sets("fl.strategy=fedsgd"), "fl.strategy: must be one of ('fedavg', 'fedprox', 'fedavgm', 'fedadam'"),
+    (sets("fl.strategy=fedadam"), "fl.server_lr: 1.0 is FedAvg's default; fedadam needs its own, e.g. "
+                                  "--set fl.server_lr=1e-3"),
+    (sets("fl.strategy=fedyogi", "fl.server_lr=1e-3", "fl.server_tau=0"), "fl.server_tau: must be > 0"),
+    (sets("fl.server_momentum=0.9"), "fl.server_momentum: fedavg does not use it"),
+    (sets("client.prox_mu=0.01"), "client.prox_mu: only fedprox uses it (fl.strategy=fedavg)"),
+    (sets("fl.strategy=fedprox", "client.prox_mu=-1"), "client.prox_mu: must be >= 0, got -1.0"),
     (sets("fl.rounds=[2"), "--set fl.rounds: the value '[2': YAML syntax error at line 1, column 3"),
     (["--params", "{tmp}/broken.yaml"], "{tmp}/broken.yaml: YAML syntax error at line 3, column 1"),
     (["--set-file", "{tmp}/broken.yaml"], "--set-file {tmp}/broken.yaml: YAML syntax error at line 3, column 1"),

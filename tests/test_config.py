@@ -98,3 +98,39 @@ def test_set_files_are_read_into_one_mapping_the_later_file_winning(tmp_path):
     second.write_text("- client.lr\n")
     with pytest.raises(ConfigError, match=rf"^--set-file {second}: expected a mapping of section\.key: value"):
         config.read_override_files([str(second)])
+
+
+ADAM = ["fl.strategy=fedadam", "fl.server_lr=1e-3"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["fl.strategy=fedsgd"], r"^fl\.strategy: must be one of \('fedavg'"),
+    ([*ADAM, "fl.server_momentum=0.9"], r"^fl\.server_momentum: fedadam does not use it"),
+    (["fl.strategy=fedadagrad", "fl.server_lr=1e-3", "fl.server_beta2=0.9"],
+     r"^fl\.server_beta2: fedadagrad does not use it"),
+    (["fl.server_tau=1e-2"], r"^fl\.server_tau: fedavg does not use it"),
+    ([*ADAM, "fl.server_beta1=1.0"], r"^fl\.server_beta1: must be in \[0, 1\), got 1.0"),
+    (["fl.strategy=fedyogi", "fl.server_lr=1e-3", "fl.server_beta2=-0.1"], r"^fl\.server_beta2: must be in \[0, 1\)"),
+    (["fl.strategy=fedavgm", "fl.server_momentum=1.0"], r"^fl\.server_momentum: must be in \[0, 1\)"),
+    ([*ADAM, "fl.server_tau=0"], r"^fl\.server_tau: must be > 0"),
+    (["fl.strategy=fedadam"], r"^fl\.server_lr: 1.0 is FedAvg's default; fedadam needs its own, e\.g\. "),
+    (["fl.strategy=fedprox", "client.prox_mu=-0.1"], r"^client\.prox_mu: must be >= 0"),
+    (["client.prox_mu=0.01"], r"^client\.prox_mu: only fedprox uses it \(fl\.strategy=fedavg\)"),
+    (["fl.weighting=equal"], r"^fl\.weighting: must be one of \('samples', 'uniform'\)"),
+    (["fl.evaluation=sites"], r"^fl\.evaluation: must be one of"),
+    (["client.schedule_scope=round"], r"^client\.schedule_scope: must be one of \('client', 'run'\)"),
+    (['tune.space={"client.prox_mu": {"type": "float", "low": 0.001, "high": 0.1}}'],
+     r"^tune\.space\.client\.prox_mu: fl\.strategy=fedavg does not use it"),
+])
+def test_bad_strategy_settings_are_refused_in_one_line_naming_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        config.load(None, overrides)
+    assert "\n" not in str(err.value)
+
+
+def test_strategy_parameters_at_their_defaults_pass_for_any_strategy():
+    # params.yaml may list every fl.* key at its default; only a moved value is a mistake
+    defaults = [f"fl.{key}={getattr(config.FLConfig(), key)}" for key in config.SERVER_RANGES if key != "server_lr"]
+    for name in config.STRATEGIES:
+        cfg = config.load(None, [*defaults, f"fl.strategy={name}", "fl.server_lr=0.01", "client.prox_mu=0"])
+        assert config.server_params(cfg.fl) == {k: getattr(cfg.fl, k) for k in config.STRATEGY_PARAMS[name]}

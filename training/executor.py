@@ -13,15 +13,16 @@ from typing import Protocol
 
 import torch
 
-from training import aggregate, divergence
+from training import aggregate, divergence, strategy
 from training.client import ClientResult, train_client
 from training.federation import Federation
 
 
 @dataclass
 class CohortResult:
-    total: dict[str, torch.Tensor] | None  # sum over clients of num_samples * client weights
+    total: dict[str, torch.Tensor] | None  # sum over clients of weight * client weights (fl.weighting)
     num_samples: int
+    total_weight: float = 0.0  # the sum of the clients' weights: the mean is total / total_weight
     clients: list[ClientResult] = field(default_factory=list)
     sketches: dict[int, torch.Tensor] = field(default_factory=dict)
     norms: dict[int, float] = field(default_factory=dict)
@@ -60,16 +61,20 @@ class Executor(Protocol):
 def run_clients(federation: Federation, global_state: aggregate.State, cohort: list[int], round_: int,
                 progress=None) -> CohortResult:
     """Train each client of ``cohort`` from ``global_state`` and sum their weights as they finish."""
+    cfg = federation.config
     result = CohortResult(total=None, num_samples=0)
     for client in cohort:
         start = time.perf_counter()
         outcome = train_client(
             federation.model, global_state, federation.encoded["train"], federation.parts[client], federation.collate,
-            federation.config.client, federation.seed_for(round_, client), federation.where, client, progress,
+            cfg.client, federation.seed_for(round_, client), federation.where, client, progress,
+            round_=round_, rounds=cfg.fl.rounds,
         )
         mid = time.perf_counter()
         local = federation.model.state_dict()
-        result.total = aggregate.accumulate(result.total, local, float(outcome.num_samples))
+        weight = strategy.client_weight(outcome.num_samples, cfg.fl.weighting)
+        result.total = aggregate.accumulate(result.total, local, weight)
+        result.total_weight += weight
         result.sketches[client], result.norms[client] = divergence.update_sketch(
             local, global_state, federation.signs)
         result.num_samples += outcome.num_samples

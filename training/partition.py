@@ -1,5 +1,6 @@
 """Split a training set over K clients: the paper's IID split and three non-IID ones (label-sorted shards,
-Dirichlet label skew, Dirichlet quantity skew), as pure functions of (labels, K, scheme, alpha, seed).
+Dirichlet label skew, Dirichlet quantity skew), as pure functions of (labels, K, scheme, alpha, seed), optionally
+into equal shards with the remainder dropped (the paper's protocol).
 """
 
 from __future__ import annotations
@@ -10,13 +11,16 @@ from pathlib import Path
 
 import numpy as np
 
-from training.config import ConfigError
+from training.config import Config, ConfigError
 
 MAX_DRAWS = 100  # Dirichlet redraws before a split that leaves a client without data is reported
+EQUAL_SCHEMES = ("iid", "shards")  # the schemes whose clients differ in size by one row at most
 
 
-def partition(labels: np.ndarray, num_clients: int, scheme: str, alpha: float, seed: int) -> list[np.ndarray]:
-    """Per client 0..K-1, the sorted int64 indices of its training rows; every row goes to exactly one client."""
+def partition(labels: np.ndarray, num_clients: int, scheme: str, alpha: float, seed: int,
+              drop_remainder: bool = False) -> list[np.ndarray]:
+    """Per client 0..K-1, the sorted int64 indices of its training rows; every row goes to exactly one client, or
+    with ``drop_remainder`` every client gets floor(n/K) rows and the n mod K rows left over, drawn at random, none."""
     labels = np.asarray(labels)
     if scheme not in SCHEMES:
         raise ConfigError(f"partition.scheme: must be one of {tuple(SCHEMES)}, got {scheme!r}")
@@ -24,8 +28,24 @@ def partition(labels: np.ndarray, num_clients: int, scheme: str, alpha: float, s
         raise ConfigError(f"fl.num_clients: must be between 1 and the {len(labels)} training rows, got {num_clients}")
     if alpha <= 0:
         raise ConfigError(f"partition.alpha: must be > 0, got {alpha}")
-    parts = SCHEMES[scheme](labels, num_clients, alpha, np.random.default_rng(seed))
-    return [np.sort(part).astype(np.int64) for part in parts]
+    if drop_remainder and scheme not in EQUAL_SCHEMES:
+        raise ConfigError(f"partition.drop_remainder: cuts equal shards, so it applies to {EQUAL_SCHEMES} only; "
+                          f"{scheme} sizes clients unequally by design, so set it false")
+    rng = np.random.default_rng(seed)
+    kept = np.arange(len(labels))
+    # drop_remainder keeps a random n - n mod K rows, drawn only when there is a remainder: a split without one is
+    # the same as without drop_remainder
+    if drop_remainder and len(labels) % num_clients:
+        kept = np.sort(rng.permutation(len(labels))[:len(labels) // num_clients * num_clients])
+    parts = SCHEMES[scheme](labels[kept], num_clients, alpha, rng)
+    return [np.sort(kept[part]).astype(np.int64) for part in parts]
+
+
+def by_config(labels: np.ndarray, config: Config) -> list[np.ndarray]:
+    """``partition`` with a run's K, scheme, alpha, seed and drop_remainder: its training split, and with
+    fl.evaluation=clients the same cut of its test split."""
+    p = config.partition
+    return partition(labels, config.fl.num_clients, p.scheme, p.alpha, p.seed, p.drop_remainder)
 
 
 def _iid(labels: np.ndarray, k: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
@@ -93,11 +113,13 @@ def load_split(path: Path, num_rows: int | None = None) -> list[np.ndarray]:
     return parts
 
 
-def check_split(parts: list[np.ndarray], num_rows: int | None, where: str) -> None:
+def check_split(parts: list[np.ndarray], num_rows: int | None, where: str, drop_remainder: bool = False) -> None:
     """Every client holds rows, and (with ``num_rows``) every training row belongs to exactly one client.
 
     A split that leaves rows out is refused too: the training set, its size and the split's fingerprint would
-    then describe different data. To train on fewer rows, lower data.max_samples and partition again.
+    then describe different data. To train on fewer rows, lower data.max_samples and partition again. The one
+    exception is ``drop_remainder`` (recorded in the split file's meta by ``fedtune partition --drop-remainder``):
+    then every client must hold exactly floor(n/K) rows.
     """
     empty = [i for i, part in enumerate(parts) if len(part) == 0]
     if empty:
@@ -112,6 +134,13 @@ def check_split(parts: list[np.ndarray], num_rows: int | None, where: str) -> No
     values, counts = np.unique(rows, return_counts=True)
     if (counts > 1).any():
         raise ConfigError(f"{where}: row {values[counts > 1][0]} belongs to more than one client; partition again")
+    if drop_remainder and num_rows is not None:
+        sizes = sorted({len(part) for part in parts})
+        if sizes != [num_rows // len(parts)]:
+            raise ConfigError(f"{where}: with partition.drop_remainder every client holds the {num_rows // len(parts)} "
+                              f"rows of an equal shard of the {num_rows} training rows, but these hold {sizes}; "
+                              "the split was made for another training set, so partition again")
+        return
     if num_rows is not None and len(rows) != num_rows:
         raise ConfigError(f"{where}: the clients hold {len(rows)} of the {num_rows} training rows, and a split must "
                           "cover them all; the split was made for another training set, so partition again (to "

@@ -23,10 +23,9 @@ def check(config: Config, split: list[np.ndarray] | None = None,
     task = load_task(config.data)
     check_head(config.model, model, len(task.label_names))
     if split is None:
-        split = partition.partition(task.train.labels, config.fl.num_clients, config.partition.scheme,
-                                    config.partition.alpha, config.partition.seed)
+        split = partition.by_config(task.train.labels, config)
     elif len(split) != config.fl.num_clients:
         raise ConfigError(f"fl.num_clients={config.fl.num_clients} but {where} holds {len(split)} clients; "
                           f"set fl.num_clients={len(split)} or pass the matching split")
-    partition.check_split(split, len(task.train), where)
+    partition.check_split(split, len(task.train), where, config.partition.drop_remainder)
     return task, split

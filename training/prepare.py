@@ -86,7 +86,8 @@ def plot_split(stats: dict, label_names: list[str], title: str, path: Path) -> N
 
 
 def partition_task(prepared: Path, clients: int, scheme: str, alpha: float, seed: int, out: Path, stats: Path,
-                   client_stats: Path | None = None, plot: Path | None = None) -> tuple[str, dict]:
+                   client_stats: Path | None = None, plot: Path | None = None,
+                   drop_remainder: bool = False) -> tuple[str, dict]:
     """Split the training set of the ``prepared`` task folder over ``clients``; write the split (``out``), its summary
     (``stats``) and optionally each client's statistics and a plot. Returns (the task's name, the summary)."""
     from training.data import read_prepared
@@ -95,13 +96,15 @@ def partition_task(prepared: Path, clients: int, scheme: str, alpha: float, seed
     task = read_prepared(prepared)
     labels = task.train.labels
     try:
-        parts = partition(labels, clients, scheme, alpha, seed)
+        parts = partition(labels, clients, scheme, alpha, seed, drop_remainder)
     except ConfigError as err:
         raise ConfigError(f"partition of {prepared} ({len(labels)} training texts) into --clients {clients} with "
                           f"--scheme {scheme}: {err}") from err
-    # alpha goes into the file only where it shapes the split, so changing it leaves IID splits byte-identical
+    # alpha and drop_remainder go into the file only where they shape the split, so splits made without them stay
+    # byte-identical to those of earlier versions
     meta = {"task": task.name, "dataset_fingerprint": task.fingerprint, "scheme": scheme, "clients": clients,
-            "seed": seed, **({"alpha": alpha} if scheme in ALPHA_SCHEMES else {})}
+            "seed": seed, **({"alpha": alpha} if scheme in ALPHA_SCHEMES else {}),
+            **({"drop_remainder": True} if drop_remainder else {})}
     save_split(parts, out, meta)
     computed = split_stats(parts, labels, task.label_names)
     _write_json(stats, computed["summary"])
@@ -113,15 +116,19 @@ def partition_task(prepared: Path, clients: int, scheme: str, alpha: float, seed
 
 
 # the config keys a split file's meta records: a run on the split takes them from there
-SPLIT_SETUP = {"clients": "fl.num_clients", "scheme": "partition.scheme"}
+SPLIT_SETUP = {"clients": "fl.num_clients", "scheme": "partition.scheme", "seed": "partition.seed"}
 
 
 def split_setup(path: Path) -> dict[str, Any]:
-    """``{"fl.num_clients": K, "partition.scheme": ...}`` as ``partition_task`` recorded them in the split file's meta;
-    empty for a split written some other way. The file must already have passed ``partition.load_split``."""
+    """``{"fl.num_clients": K, "partition.scheme": ..., "partition.seed": ..., "partition.drop_remainder": ...}`` as
+    ``partition_task`` recorded them in the split file's meta; empty for a split written some other way. The file
+    must already have passed ``partition.load_split``."""
     meta = json.loads(Path(path).read_text()).get("meta")
     meta = meta if isinstance(meta, dict) else {}
-    return {key: meta[name] for name, key in SPLIT_SETUP.items() if name in meta}
+    setup = {key: meta[name] for name, key in SPLIT_SETUP.items() if name in meta}
+    if setup:  # partition_task writes drop_remainder only when set: a split without it covers every row
+        setup["partition.drop_remainder"] = bool(meta.get("drop_remainder", False))
+    return setup
 
 
 def _write_json(path: Path, value: dict) -> None:

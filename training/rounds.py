@@ -1,7 +1,8 @@
-"""The FedAvg round loop (McMahan et al. 2017), top to bottom.
+"""The federated round loop (McMahan et al. 2017), top to bottom.
 
-Each round: sample the cohort, train each client from the global model, aggregate their weights in proportion
-to their sample counts, apply the server update, evaluate, emit metrics, checkpoint, decide whether to stop.
+Each round: sample the cohort, train each client from the global model, aggregate their weights (by sample count or
+uniformly, ``fl.weighting``), apply the server strategy's update (``fl.strategy``: FedAvg by default), evaluate, emit
+metrics, checkpoint (with the strategy's state), decide whether to stop.
 Tracking (MLflow) and tuning (Optuna) hang on the loop as callbacks; the loop imports neither.
 """
 
@@ -17,8 +18,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from training import aggregate, checkpoint, divergence
+from training import aggregate, checkpoint, divergence, strategy
 from training.callbacks import Callback
+from training.config import server_params
 from training.evaluate import evaluate
 from training.executor import CohortResult, Executor, InProcess
 from training.federation import Federation
@@ -77,7 +79,12 @@ def run(federation: Federation, callbacks: Sequence[Callback] = (), checkpoint_d
         executor: Executor | None = None) -> tuple[History, dict[str, torch.Tensor]]:
     """Run rounds ``start.round + 1 .. fl.rounds``; returns the per-round history and the final global weights."""
     cfg, executor = federation.config, executor or InProcess()
-    global_state = start.global_state if start else federation.global_state()
+    server = strategy.make(cfg.fl.strategy, **server_params(cfg.fl))
+    if start is None:
+        global_state = federation.global_state()
+    else:  # a checkpoint loads on the CPU; the model, the server state and the FedProx anchor live on its device
+        global_state = {k: v.to(federation.where.device) for k, v in start.global_state.items()}
+        server.load(start.server_optimizer)
     history = History(list(start.history) if start else [])
     if start is not None and start.rng_state is not None:
         torch.set_rng_state(start.rng_state)
@@ -94,14 +101,16 @@ def run(federation: Federation, callbacks: Sequence[Callback] = (), checkpoint_d
                   disable=not executor.is_main) as progress:
             result = executor.run_cohort(federation, global_state, cohort, round_, progress)
 
-        # 3. aggregate: the sample-weighted mean of the client models
+        # 3. aggregate: the weighted mean of the client models
         tic = time.perf_counter()
-        mean_state = aggregate.average(result.total, result.num_samples, global_state)
+        mean_state = aggregate.average(result.total, result.total_weight, global_state)
         cosine = divergence.cosines(result.sketches, {c.client: c.num_samples for c in result.clients})
         metrics, clients = _round_metrics(result, global_state, cosine)
 
-        # 4. server update (server_lr = 1: the mean becomes the global model)
-        global_state = aggregate.server_update(global_state, mean_state, cfg.fl.server_lr)
+        # 4. server update on every worker, so all hold the same strategy state (FedAvg, server_lr = 1: the mean
+        # becomes the global model)
+        global_state, server_metrics = server.step(global_state, mean_state)
+        metrics.update(server_metrics)
         metrics["aggregation_seconds"] += time.perf_counter() - tic
         if not executor.is_main:  # only the main worker evaluates, logs and checkpoints
             if executor.agree(False):
@@ -125,7 +134,8 @@ def run(federation: Federation, callbacks: Sequence[Callback] = (), checkpoint_d
         last = round_ == cfg.fl.rounds or stop
         if checkpoint_dir is not None and (round_ % cfg.fl.checkpoint_every == 0 or last):
             path = checkpoint.save(checkpoint.Checkpoint(
-                round_, global_state, cfg.to_dict(), history.rounds, torch.get_rng_state()), checkpoint_dir)
+                round_, global_state, cfg.to_dict(), history.rounds, torch.get_rng_state(), server.state()),
+                checkpoint_dir)
             for cb in callbacks:
                 cb.after_checkpoint(round_, path)
 

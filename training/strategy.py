@@ -63,12 +63,16 @@ class _Buffers:
 
 
 def _metrics(old: State, new: State, second_moment: State | None = None) -> dict[str, float]:
-    """The L2 norm of the change the server applied and, for adaptive strategies, the mean second moment."""
+    """The L2 norm of the change the server applied and, for adaptive strategies, the mean second moment.
+
+    Summed with ``math.fsum`` (exact, so independent of the order): a resumed run's state comes from a checkpoint
+    with its keys in another order, and its metrics must still equal the uninterrupted run's.
+    """
     floats = [k for k, g in old.items() if g.is_floating_point()]
-    squares = sum(float(torch.linalg.vector_norm(new[k].float() - old[k].float())) ** 2 for k in floats)
+    squares = math.fsum(float(torch.linalg.vector_norm(new[k].float() - old[k].float())) ** 2 for k in floats)
     metrics = {"server_update_norm": math.sqrt(squares)}
     if second_moment is not None:
-        total = sum(float(v.double().sum()) for v in second_moment.values())
+        total = math.fsum(float(v.double().sum()) for v in second_moment.values())
         metrics["server_second_moment_mean"] = total / sum(v.numel() for v in second_moment.values())
     return metrics
 
@@ -155,46 +159,24 @@ class FedAdagrad(Adaptive):
         return v + delta_squared
 
 
-# name -> (class, the parameters it takes: the fl.* keys of the config)
+# name -> class; training/config.py holds each one's parameters (STRATEGY_PARAMS) and checks them before a run
 STRATEGIES = {
-    "fedavg": (FedAvg, ("server_lr",)),
-    "fedprox": (FedAvg, ("server_lr",)),  # FedAvg on the server; the proximal term is in the client loss
-    "fedavgm": (FedAvgM, ("server_lr", "server_momentum")),
-    "fedadam": (FedAdam, ("server_lr", "server_beta1", "server_beta2", "server_tau")),
-    "fedyogi": (FedYogi, ("server_lr", "server_beta1", "server_beta2", "server_tau")),
-    "fedadagrad": (FedAdagrad, ("server_lr", "server_beta1", "server_tau")),
+    "fedavg": FedAvg,
+    "fedprox": FedAvg,  # FedAvg on the server; the proximal term is in the client loss
+    "fedavgm": FedAvgM,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fedadagrad": FedAdagrad,
 }
-NAMES = tuple(STRATEGIES)
-_BETA = (lambda x: 0.0 <= x < 1.0, "must be in [0, 1)")
-RANGES = {
-    "server_lr": (lambda x: x > 0, "must be > 0"),
-    "server_momentum": _BETA,
-    "server_beta1": _BETA,
-    "server_beta2": _BETA,
-    "server_tau": (lambda x: x > 0, "must be > 0 (it bounds the step where the second moment is small)"),
-}
-
-
-def check(name: str, params: dict[str, float]) -> None:
-    """Refuse an unknown strategy, a parameter it does not take, or a value out of range; the message starts with
-    the parameter's name so the config can prefix its section."""
-    if name not in STRATEGIES:
-        raise ValueError(f"strategy: must be one of {NAMES}, got {name!r}")
-    takes = STRATEGIES[name][1]
-    for key, value in params.items():
-        if key not in takes:
-            raise ValueError(f"{key}: {name} does not use it (it takes {', '.join(takes)}); drop it or pick a "
-                             f"strategy that does")
-        ok, rule = RANGES[key]
-        if not ok(value):
-            raise ValueError(f"{key}: {rule}, got {value}")
 
 
 def make(name: str, **params: float) -> FedAvgM | Adaptive:
-    """``make("fedadam", server_lr=1e-3, server_tau=1e-3)``: a checked strategy; unset parameters take defaults
-    (the adaptive ones have no default server_lr: FedAvg's 1.0 would move every weight by about 1 per round)."""
-    check(name, params)
-    return STRATEGIES[name][0](**params)
+    """``make("fedadam", server_lr=1e-3, server_tau=1e-3)``: unset parameters take defaults (the adaptive ones have
+    no default server_lr: FedAvg's 1.0 would move every weight by about 1 per round). The values come checked from
+    the config (``training.config.check_strategy``); this module stays arithmetic."""
+    if name not in STRATEGIES:
+        raise ValueError(f"strategy: must be one of {tuple(STRATEGIES)}, got {name!r}")
+    return STRATEGIES[name](**params)
 
 
 class _Proximal(torch.autograd.Function):

@@ -40,14 +40,15 @@ def metric_key(name: str, client: int | None = None) -> str:
 
     MLflow's UI charts a run's metrics in sections named by what precedes the last '/', sorted by name, the
     unprefixed ones last. These sections read in this order: the global model's quality (``global``), what each
-    round took (``global/round``: seconds, bytes, cohort, workers), how far the clients' updates pulled apart
-    (``global/updates``), then each client (``local/client_NNN``).
+    round took (``global/round``: seconds, bytes, cohort, workers), how far the clients' updates pulled apart and
+    what the server strategy made of them (``global/updates``: ``update_*``, ``server_*``), then each client
+    (``local/client_NNN``).
     """
     if client is not None:
         return f"local/client_{client:03d}/{name}"
     if name.startswith(("val_", "test_", "train_")):
         return f"global/{name}"
-    return f"global/{'updates' if name.startswith('update_') else 'round'}/{name}"
+    return f"global/{'updates' if name.startswith(('update_', 'server_')) else 'round'}/{name}"
 
 
 def tracking_uri() -> str:

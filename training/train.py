@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from training import checkpoint, dataref, rounds, tracking
+from training import checkpoint, dataref, partition, rounds, tracking
 from training.callbacks import Callback
 from training.config import Config, ConfigError, from_dict
-from training.evaluate import evaluate
+from training.evaluate import client_accuracies, predict, scores
 from training.executor import Executor, InProcess
 from training.federation import Federation, build
 from training.models import slug
@@ -33,6 +33,8 @@ class TrainResult:
     majority_rate: float  # validation accuracy of always predicting the most common class
 
     def summary(self) -> dict:
+        # with fl.evaluation=clients the test scores hold the mean over the clients' slices: the paper's headline
+        client_mean = {f"test_{k}": self.test[k] for k in ("client_mean_accuracy",) if k in self.test}
         return {
             "run_id": self.run_id,
             "rounds": len(self.history.rounds),
@@ -42,6 +44,7 @@ class TrainResult:
             "val_majority_rate": self.majority_rate,
             "test_accuracy": self.test.get("accuracy", float("nan")),
             "test_macro_f1": self.test.get("macro_f1", float("nan")),
+            **client_mean,
             "registered_model": self.registered_name,
             "model_version": self.model_version,
         }
@@ -86,6 +89,7 @@ def train(
     if not executor.is_main:
         rounds.run(federation, (), None, start, executor)
         return None
+    test_parts = _test_slices(federation) if config.fl.evaluation == "clients" else None  # before a run exists
     run_name, registered = names(config, federation)
     recorded = {**dataref.tags(config.data.source), **(tags or {})}  # so that evaluate finds the data from anywhere
     run_id = resume or tracking.start_run(client, federation, run_name, tracking.run_tags(federation, recorded),
@@ -101,9 +105,7 @@ def train(
     tracker = tracking.MlflowCallback(metrics, config.fl.keep_checkpoints)
     try:
         history, _ = rounds.run(federation, (tracker, _Printer(out), *callbacks), work.checkpoints, start, executor)
-        test = evaluate(federation.model, federation.encoded["test"], federation.collate,
-                        config.runtime.eval_batch_size, federation.where)
-        metrics.log("test", {tracking.metric_key(f"test_{k}"): v for k, v in test.items()}, history.rounds[-1]["round"])
+        test = _test(federation, metrics, test_parts, history.rounds[-1]["round"])
         version = client.call(tracking.log_model, client, run_id, federation, registered,
                               doing="logging the model") if config.tracking.log_model else None
     except BaseException as err:  # NaN loss, Ctrl-C, an outage, any failure: mark the run FAILED, keep checkpoints
@@ -115,6 +117,33 @@ def train(
     result = TrainResult(run_id, history, test, registered, version, float(np.bincount(labels).max() / len(labels)))
     _print_summary(result, config, out)
     return result
+
+
+def _test_slices(federation: Federation) -> list[np.ndarray]:
+    """The test split cut over the clients as the training split is (scheme, K, seed, drop_remainder), so that
+    each client is scored on test rows drawn like its own; checked before any training."""
+    labels = federation.task.test.labels
+    try:
+        return partition.by_config(labels, federation.config)
+    except ConfigError as err:
+        raise ConfigError(f"fl.evaluation=clients cuts the {len(labels)} test rows over the clients: {err}") from err
+
+
+def _test(federation: Federation, metrics: tracking.Metrics, test_parts: list[np.ndarray] | None,
+          step: int) -> dict[str, float]:
+    """The final model on the test split, logged; with ``test_parts`` also on each client's slice and their
+    unweighted mean (``client_mean_accuracy``), from the same predictions."""
+    dataset = federation.encoded["test"]
+    predictions, loss = predict(federation.model, dataset, federation.collate,
+                                federation.config.runtime.eval_batch_size, federation.where)
+    test = {"loss": loss, **scores(dataset.labels, predictions)}
+    per_client = {}
+    if test_parts is not None:
+        accuracies = client_accuracies(dataset.labels, predictions, test_parts)
+        test["client_mean_accuracy"] = float(np.mean(accuracies))
+        per_client = {tracking.metric_key("test_accuracy", c): a for c, a in enumerate(accuracies)}
+    metrics.log("test", {**{tracking.metric_key(f"test_{k}"): v for k, v in test.items()}, **per_client}, step)
+    return test
 
 
 def _reopen(client, run_id: str, federation: Federation, start: checkpoint.Checkpoint, work: WorkDir,
@@ -212,9 +241,7 @@ def _recorded_split(client, run_id: str) -> list[np.ndarray] | None:
     if not Path(path).is_file():
         raise ConfigError(f"--resume {run_id}: the run was started with --split {path}, which no longer exists; "
                           f"pass --split with the same file")
-    from training.partition import load_split
-
-    return load_split(Path(path))
+    return partition.load_split(Path(path))
 
 
 def _check_same_split(client, run_id: str, federation: Federation) -> None:
@@ -231,9 +258,11 @@ class _Printer(Callback):
         self.out = out
 
     def after_round(self, round_, metrics, clients) -> bool:
-        val = f"val acc {metrics['val_accuracy']:.4f} f1 {metrics['val_macro_f1']:.4f} " if "val_accuracy" in metrics else ""
+        val = (f"val acc {metrics['val_accuracy']:.4f} f1 {metrics['val_macro_f1']:.4f} "
+               if "val_accuracy" in metrics else "")
         print(f"round {round_}: {val}train loss {metrics['train_loss']:.4f} "
-              f"cosine(min) {metrics['update_cosine_min']:.3f} {metrics['round_seconds']:.1f}s", file=self.out, flush=True)
+              f"cosine(min) {metrics['update_cosine_min']:.3f} {metrics['round_seconds']:.1f}s",
+              file=self.out, flush=True)
         return False
 
 
@@ -242,7 +271,11 @@ def _print_summary(result: TrainResult, config: Config, out) -> None:
     print(f"\ndone: {s['rounds']} rounds, K={config.fl.num_clients}: validation accuracy {s['val_accuracy']:.4f} "
           f"(best {s['val_accuracy_best']:.4f}; majority class {s['val_majority_rate']:.4f}), "
           f"test accuracy {s['test_accuracy']:.4f}, test macro-F1 {s['test_macro_f1']:.4f}", file=out)
-    print(f"MLflow run {result.run_id} in experiment '{config.tracking.experiment}' at {tracking.tracking_uri()}", file=out)
+    if "test_client_mean_accuracy" in s:
+        print(f"mean of the {config.fl.num_clients} clients' test accuracies on their own test slices: "
+              f"{s['test_client_mean_accuracy']:.4f}", file=out)
+    print(f"MLflow run {result.run_id} in experiment '{config.tracking.experiment}' at {tracking.tracking_uri()}",
+          file=out)
     if result.model_version:
         print(f"registered model: models:/{result.registered_name}@{config.tracking.alias} "
               f"(version {result.model_version})", file=out)
