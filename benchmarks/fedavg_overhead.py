@@ -30,7 +30,8 @@ from training.federation import build
 
 def federation_for(args, num_clients: int):
     cfg = config.load(None, [
-        f"model.name={args.model}", f"data.source={args.data}", f"data.max_samples={int(args.samples / 0.8)}", f"fl.num_clients={num_clients}",
+        f"model.name={args.model}", f"data.source={args.data}", f"data.max_samples={int(args.samples / 0.8)}",
+        f"fl.num_clients={num_clients}",
         "fl.rounds=1", "client.local_epochs=1", f"client.batch_size={args.batch_size}", f"runtime.device={args.device}",
         f"runtime.threads={args.threads}",
     ])
@@ -106,7 +107,8 @@ def main() -> None:
           f"ratio {ratio:.3f} (target <= 1.10, goal 1.05)")
     peaks = {k: peak_memory(args, k) for k in (1, 8, 32)}
     for k, p in peaks.items():
-        print(f"(b) K={k:2d}: peak RSS {p['rss_mib']:.0f} MiB" + (f", CUDA {p['cuda_mib']:.0f} MiB" if "cuda_mib" in p else ""))
+        cuda = f", CUDA {p['cuda_mib']:.0f} MiB" if "cuda_mib" in p else ""
+        print(f"(b) K={k:2d}: peak RSS {p['rss_mib']:.0f} MiB{cuda}")
     print(f"(b) peak RSS K=32 / K=1 = {peaks[32]['rss_mib'] / peaks[1]['rss_mib']:.3f} (target <= 1.10)")
 
 
