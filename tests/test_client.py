@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from training import rounds
-from training.client import NonFiniteLoss, client_seed
+from training.client import NonFiniteLoss, client_seed, make_optimizer, train_client
 from training.executor import InProcess
 from training.federation import build
 from training.models import load_model
@@ -52,6 +52,26 @@ def test_client_update_does_not_depend_on_clients_before_it(tiny):
     after_others = InProcess.run_cohort(federation, start, [0, 1, 2], 1)
     assert alone.clients[0] == after_others.clients[2]
     torch.testing.assert_close(alone.sketches[2], after_others.sketches[2], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_a_restarted_optimizer_gives_the_weights_of_a_fresh_one(tiny, optimizer):
+    """A cohort's clients share one optimizer, restarted for each (issue 18): after another client has left
+    moments, step counts and a decayed learning rate in it, the next client's weights are those of a fresh one."""
+    cfg = tiny("fl.num_clients=3", f"client.optimizer={optimizer}", "client.momentum=0.9", "client.warmup_ratio=0.5")
+    federation = build(cfg)
+    start = federation.global_state()
+
+    def train(client, shared=None):
+        train_client(federation.model, start, federation.encoded["train"], federation.parts[client],
+                     federation.collate, cfg.client, federation.seed_for(1, client), federation.where, client,
+                     optimizer=shared)
+        return {k: v.clone() for k, v in federation.model.state_dict().items()}
+
+    fresh = train(1)
+    shared = make_optimizer(federation.model, cfg.client)
+    train(0, shared)
+    torch.testing.assert_close(train(1, shared), fresh, rtol=0, atol=0)
 
 
 def test_the_client_seed_depends_on_the_seed_the_round_and_the_client(tiny):

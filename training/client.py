@@ -50,6 +50,19 @@ def make_optimizer(model: torch.nn.Module, cfg: ClientConfig) -> torch.optim.Opt
     return torch.optim.AdamW(groups, lr=cfg.lr, **batched)
 
 
+def restart(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """``optimizer`` as ``make_optimizer`` would build it afresh: its state zeroed in place (a step count of 0,
+    moments of 0: what a fresh one starts from; the learning rate is the next scheduler's to set, from the
+    ``initial_lr`` the first one recorded). Allocating AdamW's two moment buffers anew for each client cost
+    ~0.15 s per client for MiniLM on the CPU (page faults on 180 MB), most of a small client's overhead over a bare
+    training loop."""
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                value.zero_()
+    return optimizer
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: ClientConfig, local_steps: int, round_: int,
                    rounds: int) -> torch.optim.lr_scheduler.LRScheduler:
     """The client's learning-rate schedule: over its own ``local_steps`` (schedule_scope client: warm-up and decay
@@ -80,10 +93,13 @@ def train_client(
     *,
     round_: int = 1,
     rounds: int = 1,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> ClientResult:
     """Fine-tune ``model`` from ``global_state`` on ``dataset[indices]``; the trained weights stay in ``model``.
 
     ``round_`` of ``rounds`` places the client's steps in the run's schedule when ``cfg.schedule_scope`` is run.
+    ``optimizer`` (from ``make_optimizer(model, cfg)``, shared by a cohort's clients) is restarted instead of
+    built anew; the weights come out the same.
     """
     model.load_state_dict(global_state)
     model.train()
@@ -92,7 +108,7 @@ def train_client(
         Subset(dataset, indices.tolist()), batch_size=cfg.batch_size, shuffle=True, generator=generator,
         collate_fn=collate, pin_memory=where.device.type == "cuda",
     )
-    optimizer = make_optimizer(model, cfg)
+    optimizer = restart(optimizer) if optimizer is not None else make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, cfg.local_epochs * len(loader), round_, rounds)
     scaler = torch.amp.GradScaler(where.device.type, enabled=where.dtype == torch.float16)
     losses = []

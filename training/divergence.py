@@ -10,8 +10,6 @@ The sketch is paid once per client, so it is computed in one streaming pass: the
 written slice by slice into a cache-sized buffer, and each slice is squared, signed and folded into the buckets
 while it is still in cache (full copies of a 22M-parameter update cost 4x more). The squares are summed in float64
 across slices, so the reported norm is exact to float32 rounding (a float32 sum over 22M terms was off by 1e-3).
-The executor's running sum of client weights (``aggregate.accumulate``) is folded into the same pass
-(``accumulate_and_sketch``), so each client's weights are read from memory once instead of twice.
 """
 
 from __future__ import annotations
@@ -37,11 +35,9 @@ def signs(global_state: State, seed: int = 0) -> torch.Tensor:
     return sign.to(floating[0].device)
 
 
-def _update_slices(local: State, global_state: State, buffer: torch.Tensor, total: State | None,
-                   weight: float) -> Iterator[torch.Tensor]:
+def _update_slices(local: State, global_state: State, buffer: torch.Tensor) -> Iterator[torch.Tensor]:
     """The flattened update ``local - global`` as consecutive slices of ``buffer`` (each valid until the next one
-    is asked for), every slice whole rows of buckets, the last one zero-padded. With ``total``, each piece of
-    ``local`` is also added to it, times ``weight``, while the piece is in cache."""
+    is asked for), every slice whole rows of buckets, the last one zero-padded."""
     filled = 0
     # Sorted keys: a state dict read back from a checkpoint lists its tensors in another order than the model's,
     # and each parameter must keep its buckets and signs for cosines to match those of an uninterrupted run.
@@ -49,14 +45,10 @@ def _update_slices(local: State, global_state: State, buffer: torch.Tensor, tota
         if not global_state[key].is_floating_point():
             continue
         new, old = local[key].detach().float().flatten(), global_state[key].float().flatten()
-        summed = total[key].view(-1) if total is not None else None
         start = 0
         while start < new.numel():
             take = min(new.numel() - start, buffer.numel() - filled)
-            piece = new[start:start + take]
-            if summed is not None:
-                summed[start:start + take].add_(piece, alpha=weight)
-            torch.sub(piece, old[start:start + take], out=buffer[filled:filled + take])
+            torch.sub(new[start:start + take], old[start:start + take], out=buffer[filled:filled + take])
             filled, start = filled + take, start + take
             if filled == buffer.numel():
                 yield buffer
@@ -67,29 +59,18 @@ def _update_slices(local: State, global_state: State, buffer: torch.Tensor, tota
         yield buffer[:whole_rows]
 
 
-def update_sketch(local: State, global_state: State, sign: torch.Tensor,
-                  total: State | None = None, weight: float = 0.0) -> tuple[torch.Tensor, float]:
-    """(sketch, exact L2 norm) of the update ``local - global``; ``sign`` from ``signs``. With ``total`` (float32
-    tensors shaped like ``local``'s float entries), ``weight * local`` is added to it in the same pass."""
+def update_sketch(local: State, global_state: State, sign: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(sketch, exact L2 norm) of the update ``local - global``; ``sign`` from ``signs``."""
     buffer = torch.empty(SLICE, device=sign.device)
     sketch = torch.zeros(BUCKETS, device=sign.device)
     square = torch.zeros((), dtype=torch.float64, device=sign.device)  # float64 across slices: 22M terms
     offset = 0
-    for part in _update_slices(local, global_state, buffer, total, weight):
+    for part in _update_slices(local, global_state, buffer):
         square += torch.dot(part, part)
         part.mul_(sign[offset:offset + part.numel()])
         sketch += part.view(-1, BUCKETS).sum(0)
         offset += part.numel()
     return sketch.cpu(), float(square.sqrt())
-
-
-def accumulate_and_sketch(total: State | None, local: State, global_state: State, weight: float,
-                          sign: torch.Tensor) -> tuple[State, torch.Tensor, float]:
-    """``aggregate.accumulate(total, local, weight)`` and ``update_sketch(local, global_state, sign)`` in one pass
-    over ``local``: (the running total, updated in place or started; the sketch; the update's norm)."""
-    if total is None:  # 0 + weight * x is weight * x exactly: the same start as aggregate.accumulate's
-        total = {k: torch.zeros(v.shape, device=v.device) for k, v in local.items() if v.is_floating_point()}
-    return (total, *update_sketch(local, global_state, sign, total, weight))
 
 
 def cosines(sketches: dict[int, torch.Tensor], weights: dict[int, float]) -> dict[int, float]:

@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 
 from training import aggregate, divergence, strategy
-from training.client import ClientResult, train_client
+from training.client import ClientResult, make_optimizer, train_client
 from training.federation import Federation
 
 
@@ -63,12 +63,13 @@ def run_clients(federation: Federation, global_state: aggregate.State, cohort: l
     """Train each client of ``cohort`` from ``global_state`` and sum their weights as they finish."""
     cfg = federation.config
     result = CohortResult(total=None, num_samples=0)
+    optimizer = make_optimizer(federation.model, cfg.client)  # one per cohort, restarted for each client
     for client in cohort:
         start = time.perf_counter()
         outcome = train_client(
             federation.model, global_state, federation.encoded["train"], federation.parts[client], federation.collate,
             cfg.client, federation.seed_for(round_, client), federation.where, client, progress,
-            round_=round_, rounds=cfg.fl.rounds,
+            round_=round_, rounds=cfg.fl.rounds, optimizer=optimizer,
         )
         mid = time.perf_counter()
         local = federation.model.state_dict()
