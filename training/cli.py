@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -39,22 +38,16 @@ def load_inputs(args: argparse.Namespace, cfg=None):
     Torch and transformers are not imported, so bad input fails in seconds and before any run or study starts.
     """
     cfg = cfg or load_config(args)
-    from training.partition import load_split
+    from training.partition import read_split
 
-    split = load_split(Path(args.split)) if args.split else None
+    split, meta = read_split(Path(args.split)) if args.split else (None, {})
     if split is not None:  # K and the scheme as the split was made, given once: by `fedtune partition`
-        cfg = config.follow(cfg, prepare.split_setup(Path(args.split)), config.parse_overrides(args.overrides),
+        cfg = config.follow(cfg, prepare.split_setup(meta), config.parse_overrides(args.overrides),
                             f"--split {args.split}")
     from training import preflight  # after the config and the split file: their mistakes are found before pandas loads
 
     preflight.check(cfg, split, f"--split {args.split}")
     return cfg, split
-
-
-def write_json(path: str | Path | None, data: dict, sort_keys: bool = True) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
 
 
 # train ---------------------------------------------------------------------------------------------------------------
@@ -112,11 +105,11 @@ def run_train(args: argparse.Namespace) -> int:
             executor.close()
     if result is None:  # a torchrun worker other than the main one
         return 0
-    write_json(args.metrics_out, result.summary())
+    prepare.write_json(args.metrics_out, result.summary(), sort_keys=True)
     if args.headline_out:
         from analysis.run_metrics import headline
 
-        write_json(args.headline_out, headline(result.summary()), sort_keys=False)  # its columns in this order
+        prepare.write_json(args.headline_out, headline(result.summary()))  # its columns in this order
     if args.rounds_out:
         import pandas as pd
 
@@ -199,18 +192,18 @@ def run_tune(args: argparse.Namespace) -> int:
             raise ConfigError("--enabled false runs no study and only writes --best-out FILE; name that file")
         write_best(Path(args.best_out), {}, "tuning is off (`fedtune tune --enabled false`, study.tune in "
                    "params.yaml): no overrides, so `fedtune train --set-file` keeps its config")
-        write_json(args.summary_out, {"tuned": False})
+        prepare.write_json(args.summary_out, {"tuned": False}, sort_keys=True)
         print(f"tuning is off: wrote {args.best_out} with no overrides; no study was run")
         return 0
     cfg, split = load_inputs(args, cfg)
     result = tune(cfg, split)
     print_summary(result, cfg)
     t = result.tally
-    write_json(args.summary_out, {
+    prepare.write_json(args.summary_out, {
         "tuned": True, "study": result.study_name, "parent_run_id": result.parent_run_id,
         "trials_complete": t.complete, "trials_pruned": t.pruned, "trials_failed": t.failed,
         "rounds_saved": t.rounds_saved, "best_value": t.best_value, "best_trial": t.best_trial,
-        "best_params": t.best_params, "worker_seconds": round(result.seconds, 1)})
+        "best_params": t.best_params, "worker_seconds": round(result.seconds, 1)}, sort_keys=True)
     if result.tally.best_value is None:
         print("fedtune: error: no trial completed, so there are no best params", file=sys.stderr)
         return 1
@@ -251,7 +244,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     client = tracking.connect()
     target = registry.resolve(client, args.model)
     scores = registry.evaluate(client, target, args.split, args.data, args.overrides, args.batch_size)
-    write_json(args.out, scores)
+    prepare.write_json(args.out, scores, sort_keys=True)
     return 0
 
 

@@ -104,13 +104,20 @@ def fingerprint(parts: list[np.ndarray]) -> str:
 
 def load_split(path: Path, num_rows: int | None = None) -> list[np.ndarray]:
     """The clients' index arrays from a save_split file, checked by ``check_split``."""
+    return read_split(path, num_rows)[0]
+
+
+def read_split(path: Path, num_rows: int | None = None) -> tuple[list[np.ndarray], dict]:
+    """(the clients' index arrays, checked by ``check_split``; the file's ``meta``, {} when it has none)."""
     path = Path(path)
     try:
-        parts = [np.asarray(client, dtype=np.int64) for client in json.loads(path.read_text())["clients"]]
+        document = json.loads(path.read_text())
+        parts = [np.asarray(client, dtype=np.int64) for client in document["clients"]]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ConfigError(f"{path}: not a readable split file ({error!r}); write it with save_split") from error
     check_split(parts, num_rows, str(path))
-    return parts
+    meta = document.get("meta")
+    return parts, meta if isinstance(meta, dict) else {}
 
 
 def check_split(parts: list[np.ndarray], num_rows: int | None, where: str, drop_remainder: bool = False) -> None:

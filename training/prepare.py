@@ -107,9 +107,9 @@ def partition_task(prepared: Path, clients: int, scheme: str, alpha: float, seed
             **({"drop_remainder": True} if drop_remainder else {})}
     save_split(parts, out, meta)
     computed = split_stats(parts, labels, task.label_names)
-    _write_json(stats, computed["summary"])
+    write_json(stats, computed["summary"])
     if client_stats:
-        _write_json(client_stats, computed["clients"])
+        write_json(client_stats, computed["clients"])
     if plot:
         plot_split(computed, task.label_names, f"{task.name}: {scheme}, K={clients}", plot)
     return task.name, computed["summary"]
@@ -119,18 +119,18 @@ def partition_task(prepared: Path, clients: int, scheme: str, alpha: float, seed
 SPLIT_SETUP = {"clients": "fl.num_clients", "scheme": "partition.scheme", "seed": "partition.seed"}
 
 
-def split_setup(path: Path) -> dict[str, Any]:
+def split_setup(meta: dict) -> dict[str, Any]:
     """``{"fl.num_clients": K, "partition.scheme": ..., "partition.seed": ..., "partition.drop_remainder": ...}`` as
-    ``partition_task`` recorded them in the split file's meta; empty for a split written some other way. The file
-    must already have passed ``partition.load_split``."""
-    meta = json.loads(Path(path).read_text()).get("meta")
-    meta = meta if isinstance(meta, dict) else {}
+    ``partition_task`` recorded them in a split file's meta (``partition.read_split``); empty for a split written
+    some other way."""
     setup = {key: meta[name] for name, key in SPLIT_SETUP.items() if name in meta}
     if setup:  # partition_task writes drop_remainder only when set: a split without it covers every row
         setup["partition.drop_remainder"] = bool(meta.get("drop_remainder", False))
     return setup
 
 
-def _write_json(path: Path, value: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=2) + "\n")
+def write_json(path: str | Path | None, data: dict, sort_keys: bool = False) -> None:
+    """A stage's JSON output (DVC metrics, run records), its folder made; nothing when ``path`` is empty."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
