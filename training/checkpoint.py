@@ -1,7 +1,8 @@
 """Checkpoints: the global model (safetensors, never pickle) plus the server state needed to continue the run.
 
-A checkpoint is a folder ``round-NNN/`` with ``model.safetensors`` (global weights), ``server.safetensors``
-(RNG state and server optimizer tensors) and ``state.json`` (round, resolved config, metrics so far, version, and
+A checkpoint is a folder ``round-NNN/`` with ``model.safetensors`` (global weights; under LoRA the adapters and
+head), ``server.safetensors`` (RNG state, server optimizer tensors and, for exact LoRA aggregation, the folded base
+weights) and ``state.json`` (round, resolved config, metrics so far, version, and
 the sha256 of the two tensor files). ``state.json`` is written last, so its hashes vouch for the files beside it:
 a truncated or altered file is refused on load instead of resuming into NaN weights.
 Torch and safetensors load only when a checkpoint is saved or loaded: naming, hashing and retention are read by
@@ -41,6 +42,7 @@ class Checkpoint:
     history: list[dict]
     rng_state: torch.Tensor | None = None
     server_optimizer: dict[str, torch.Tensor] = field(default_factory=dict)
+    base: dict[str, torch.Tensor] = field(default_factory=dict)  # base weights exact LoRA aggregation changed
 
 
 def folder_name(round_: int) -> str:
@@ -54,6 +56,7 @@ def save(ckpt: Checkpoint, root: Path) -> Path:
     path = Path(root) / folder_name(ckpt.round)
     path.mkdir(parents=True, exist_ok=True)
     server = {f"optimizer.{k}": v for k, v in ckpt.server_optimizer.items()}
+    server.update({f"base.{k}": v.detach().cpu().contiguous() for k, v in ckpt.base.items()})
     if ckpt.rng_state is not None:
         server["rng.torch"] = ckpt.rng_state
     weights = {k: v.detach().cpu().contiguous() for k, v in ckpt.global_state.items()}
@@ -119,6 +122,7 @@ def load(path: Path) -> Checkpoint:
         history=state["history"],
         rng_state=server.get("rng.torch"),
         server_optimizer={k.removeprefix("optimizer."): v for k, v in server.items() if k.startswith("optimizer.")},
+        base={k.removeprefix("base."): v for k, v in server.items() if k.startswith("base.")},
     )
 
 

@@ -36,11 +36,23 @@ def client_seed(seed: int, round_: int, client: int) -> int:
     return int(np.random.SeedSequence([seed, round_, client]).generate_state(1)[0])
 
 
+def load_global(model: torch.nn.Module, global_state: dict[str, torch.Tensor]) -> None:
+    """Copy the global weights into ``model``. Under LoRA they are the trainable tensors alone (the frozen base stays
+    as it is); a trainable weight missing from them, or a name the model lacks, is an error."""
+    missing, unexpected = model.load_state_dict(global_state, strict=False)
+    trained = {name for name, param in model.named_parameters() if param.requires_grad}
+    if unexpected or trained.intersection(missing):
+        raise ValueError(f"the global state does not fit the model: unknown {unexpected[:3]}, missing trainable "
+                         f"{sorted(trained.intersection(missing))[:3]}")
+
+
 def make_optimizer(model: torch.nn.Module, cfg: ClientConfig) -> torch.optim.Optimizer:
-    """A fresh optimizer; biases and LayerNorm weights get no weight decay (as in BERT fine-tuning)."""
+    """A fresh optimizer over the trainable weights; biases and LayerNorm weights get no weight decay (as in BERT
+    fine-tuning)."""
     decay, no_decay = [], []
     for param in model.parameters():
-        (no_decay if param.ndim < 2 else decay).append(param)
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # A few kernels per step over all parameters instead of a loop over them. Fused on CUDA; on the CPU only
     # foreach gives the same weights, bit for bit, as the per-parameter loop (fused AdamW there does not).
@@ -101,7 +113,7 @@ def train_client(
     ``optimizer`` (from ``make_optimizer(model, cfg)``, shared by a cohort's clients) is restarted instead of
     built anew; the weights come out the same.
     """
-    model.load_state_dict(global_state)
+    load_global(model, global_state)
     model.train()
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(

@@ -28,6 +28,8 @@ OBJECTIVES = ("best", "final")
 WEIGHTINGS = ("samples", "uniform")
 EVALUATIONS = ("global", "clients")
 SCHEDULE_SCOPES = ("client", "run")
+PEFT_METHODS = ("none", "lora")
+LORA_AGGREGATIONS = ("fedit", "exact")
 # server strategy -> the fl.* parameters it takes (training/strategy.py holds the arithmetic)
 STRATEGY_PARAMS = {
     "fedavg": ("server_lr",),
@@ -119,6 +121,16 @@ class FLConfig:
 
 
 @dataclass(frozen=True)
+class PeftConfig:
+    method: str = "none"  # none (full fine-tuning) | lora (clients train and send LoRA adapters and the head only)
+    r: int = 8  # LoRA rank
+    alpha: float = 16.0  # LoRA scaling numerator: the update is alpha/r * B·A
+    dropout: float = 0.0  # dropout on the adapters' input
+    target_modules: str = ""  # comma-separated module names (query,value); empty = the architecture's default
+    aggregation: str = "fedit"  # fedit (average A and B apart) | exact (global = the clients' mean effective weights)
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     experiment: str = "fedtune"
     run_name: str = ""  # empty = derived from task, model and K
@@ -162,6 +174,7 @@ class Config:
     partition: PartitionConfig = PartitionConfig()
     client: ClientConfig = ClientConfig()
     fl: FLConfig = FLConfig()
+    peft: PeftConfig = PeftConfig()
     tracking: TrackingConfig = TrackingConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     tune: TuneConfig = TuneConfig()
@@ -265,6 +278,7 @@ def validate(c: Config) -> None:
              f"must be one of {EVALUATIONS}, got {c.fl.evaluation!r}")
     _require(c.client.schedule_scope in SCHEDULE_SCOPES, "client.schedule_scope",
              f"must be one of {SCHEDULE_SCOPES}, got {c.client.schedule_scope!r}")
+    _validate_peft(c.peft)
     _require(c.fl.checkpoint_every >= 1, "fl.checkpoint_every", "must be >= 1")
     _require(c.fl.eval_every >= 1, "fl.eval_every", "must be >= 1")
     _require(c.fl.keep_checkpoints >= 0, "fl.keep_checkpoints", "must be >= 0 (0 = keep every round's checkpoint)")
@@ -288,6 +302,8 @@ def validate(c: Config) -> None:
         _check_space_entry(f"tune.space.{key}", spec)
         _require(key not in _unused_keys(c.fl.strategy), f"tune.space.{key}",
                  f"fl.strategy={c.fl.strategy} does not use it; drop it from the space or pick a strategy that does")
+        _require(not key.startswith("peft.") or c.peft.method != "none", f"tune.space.{key}",
+                 "full fine-tuning (peft.method=none) does not use it; set peft.method=lora or drop it from the space")
 
 
 def check_strategy(name: str, params: dict[str, float]) -> None:
@@ -332,6 +348,29 @@ def _validate_strategy(c: Config) -> None:
     _require(c.fl.strategy not in ADAPTIVE or c.fl.server_lr != defaults.server_lr, "fl.server_lr",
              f"1.0 is FedAvg's default; {c.fl.strategy} needs its own, e.g. --set fl.server_lr=1e-3 (Reddi et al. "
              f"tune it on a log grid)")
+
+
+def _validate_peft(p: PeftConfig) -> None:
+    """peft.*: a LoRA setting moved from its default while LoRA is off is a mistake, refused like a wrong value."""
+    _require(p.method in PEFT_METHODS, "peft.method", f"must be one of {PEFT_METHODS}, got {p.method!r}")
+    if p.method == "none":
+        moved = [k for k, v in dataclasses.asdict(p).items() if k != "method" and v != getattr(PeftConfig(), k)]
+        _require(not moved, f"peft.{moved[0]}" if moved else "peft", "only peft.method=lora uses it; set "
+                 "peft.method=lora or drop it")
+        return
+    _require(p.r >= 1, "peft.r", f"must be >= 1, got {p.r} (the LoRA rank; 8 or 16 are common)")
+    _require(p.alpha > 0, "peft.alpha", f"must be > 0, got {p.alpha} (often 2 x peft.r)")
+    _require(0.0 <= p.dropout < 1.0, "peft.dropout", f"must be in [0, 1), got {p.dropout}")
+    _require(p.aggregation in LORA_AGGREGATIONS, "peft.aggregation",
+             f"must be one of {LORA_AGGREGATIONS}, got {p.aggregation!r}")
+    names = [m.strip() for m in p.target_modules.split(",")]
+    _require(not p.target_modules or all(names), "peft.target_modules",
+             f"expected comma-separated module names such as query,value, got {p.target_modules!r}")
+
+
+def target_modules(p: PeftConfig) -> list[str]:
+    """peft.target_modules as a list; empty: the architecture's default applies."""
+    return [m.strip() for m in p.target_modules.split(",")] if p.target_modules else []
 
 
 def _check_space_entry(where: str, spec: dict) -> None:

@@ -18,6 +18,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from training import lora
 from training.aggregate import State
 from training.executor import CohortResult, run_clients
 from training.federation import Federation
@@ -79,6 +80,7 @@ class Distributed:
         everyone = [None] * self.workers
         try:
             total, num_samples, total_weight = self._sum(mine, global_state)
+            products = self._sum_products(mine, global_state) if federation.exact else None
             dist.all_gather_object(everyone, (mine.clients, mine.sketches, mine.norms, mine.compute_seconds,
                                               mine.aggregation_seconds))
         except RuntimeError as err:  # torch.distributed's errors when a peer is gone
@@ -91,6 +93,7 @@ class Distributed:
             total=total,
             num_samples=num_samples,
             total_weight=total_weight,
+            products=products,
             clients=sorted((c for e in everyone for c in e[0]), key=lambda c: c.client),
             sketches={k: v for e in everyone for k, v in e[1].items()},
             norms={k: v for e in everyone for k, v in e[2].items()},
@@ -117,6 +120,15 @@ class Distributed:
             offset += part.numel()
         num_samples, total_weight = count.tolist()
         return total, int(num_samples), total_weight
+
+    def _sum_products(self, mine: CohortResult, global_state: State) -> State:
+        """Exact LoRA aggregation: the cohort's sum of weight * B·A per adapted module, in one all_reduce."""
+        products = mine.products if mine.products is not None else lora.zero_products(global_state)
+        keys = sorted(products)
+        flat = torch.cat([products[k].flatten().to(self.device) for k in keys])
+        dist.all_reduce(flat)
+        parts = flat.split([products[k].numel() for k in keys])
+        return {k: part.view_as(products[k]) for k, part in zip(keys, parts)}
 
     def agree(self, stop: bool) -> bool:
         """Every worker takes the main worker's decision to stop."""

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from training import aggregate, divergence, strategy
+from training import aggregate, divergence, lora, strategy
 from training.client import ClientResult, make_optimizer, train_client
 from training.federation import Federation
 
@@ -29,6 +29,7 @@ class CohortResult:
     compute_seconds: float = 0.0  # client training
     aggregation_seconds: float = 0.0  # summing and sketching
     extra: dict[str, float] = field(default_factory=dict)  # executor-specific round metrics
+    products: dict[str, torch.Tensor] | None = None  # exact LoRA: sum over clients of weight * B·A per module
 
 
 class Executor(Protocol):
@@ -72,9 +73,11 @@ def run_clients(federation: Federation, global_state: aggregate.State, cohort: l
             round_=round_, rounds=cfg.fl.rounds, optimizer=optimizer,
         )
         mid = time.perf_counter()
-        local = federation.model.state_dict()
+        local = federation.shared()
         weight = strategy.client_weight(outcome.num_samples, cfg.fl.weighting)
         result.total = aggregate.accumulate(result.total, local, weight)
+        if federation.exact:
+            result.products = lora.accumulate_products(result.products, local, weight)
         result.total_weight += weight
         result.sketches[client], result.norms[client] = divergence.update_sketch(
             local, global_state, federation.signs)

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from training import divergence, partition, preflight
-from training.client import client_seed
+from training import divergence, lora, partition, preflight
+from training.client import client_seed, load_global
 from training.config import Config
 from training.data import Task
 from training.devices import Device, pick_device
 from training.features import Encoded, collator, encode_task
-from training.models import load_model, load_tokenizer
+from training.models import align_padding, load_model, load_tokenizer
 
 
 @dataclass
@@ -28,6 +28,15 @@ class Federation:
     where: Device
     signs: torch.Tensor  # for update sketches (training.divergence)
 
+    @property
+    def lora(self) -> bool:
+        return self.config.peft.method == "lora"
+
+    @property
+    def exact(self) -> bool:
+        """LoRA with exact aggregation: the clients' B·A products are summed and folded into the base weights."""
+        return self.lora and self.config.peft.aggregation == "exact"
+
     @functools.cached_property
     def collate(self):
         return collator(self.tokenizer)
@@ -39,8 +48,15 @@ class Federation:
     def split_fingerprint(self) -> str:
         return partition.fingerprint(self.parts)
 
+    def shared(self) -> dict[str, torch.Tensor]:
+        """The model's tensors a round exchanges (no copy): under LoRA the adapters and the head, else every weight."""
+        return lora.trainable(self.model) if self.lora else self.model.state_dict()
+
     def global_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return {k: v.detach().clone() for k, v in self.shared().items()}
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        load_global(self.model, state)
 
 
 def build(config: Config, split: list[np.ndarray] | None = None, device: str | None = None) -> Federation:
@@ -53,6 +69,12 @@ def build(config: Config, split: list[np.ndarray] | None = None, device: str | N
         torch.set_num_threads(config.runtime.threads)
     where = pick_device(device or config.runtime.device, config.runtime.precision)
     tokenizer = load_tokenizer(config.model)
-    model = load_model(config.model, task.label_names, config.fl.seed).to(where.device)
+    model = load_model(config.model, task.label_names, config.fl.seed)
+    align_padding(model, tokenizer)
+    if config.peft.method == "lora":
+        model = lora.wrap(model, config.peft, config.fl.seed)
+    model = model.to(where.device)
     encoded = encode_task(task, tokenizer, config.model.max_length)
-    return Federation(config, task, tokenizer, model, encoded, split, where, divergence.signs(model.state_dict()))
+    federation = Federation(config, task, tokenizer, model, encoded, split, where, torch.empty(0))
+    federation.signs = divergence.signs(federation.shared())
+    return federation

@@ -26,6 +26,11 @@ TINY_PRESETS: dict[str, dict] = {
     "tiny-albert": dict(model_type="albert", embedding_size=16, hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=2, intermediate_size=64, **_TINY),
     "tiny-distilbert": dict(model_type="distilbert", dim=32, n_layers=2, n_heads=2, hidden_dim=64, **_TINY),
+    # decoders with a sequence-classification head (the last real token's state is classified)
+    "tiny-gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=2, n_positions=128, vocab_size=30522,
+                      bos_token_id=101, eos_token_id=102),  # the shared tokenizer's [CLS] and [SEP]
+    "tiny-llama": dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=2, **_TINY),
 }
 
 
@@ -46,9 +51,20 @@ def _from_pretrained(cfg: ModelConfig, loader, **kwargs):
 
 
 def load_tokenizer(cfg: ModelConfig):
+    """The model's tokenizer; a decoder's that has no pad token pads with its end-of-text token."""
     from transformers import AutoTokenizer
 
-    return _from_pretrained(cfg, AutoTokenizer.from_pretrained)
+    tokenizer = _from_pretrained(cfg, AutoTokenizer.from_pretrained)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def align_padding(model: PreTrainedModel, tokenizer) -> None:
+    """Tell the model which token pads: a decoder's classifier reads the last token that is not padding, and refuses
+    batches of more than one text without a pad token (GPT-2 and Llama checkpoints have none)."""
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
 
 
 def load_model(cfg: ModelConfig, label_names: list[str], seed: int) -> PreTrainedModel:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from training import aggregate, checkpoint, divergence, strategy
+from training import aggregate, checkpoint, divergence, lora, strategy
 from training.callbacks import Callback
 from training.config import server_params
 from training.evaluate import evaluate
@@ -85,6 +85,7 @@ def run(federation: Federation, callbacks: Sequence[Callback] = (), checkpoint_d
     else:  # a checkpoint loads on the CPU; the model, the server state and the FedProx anchor live on its device
         global_state = {k: v.to(federation.where.device) for k, v in start.global_state.items()}
         server.load(start.server_optimizer)
+        lora.load_base(federation.model, start.base)  # what exact LoRA aggregation folded into the base (else none)
     history = History(list(start.history) if start else [])
     if start is not None and start.rng_state is not None:
         torch.set_rng_state(start.rng_state)
@@ -104,8 +105,12 @@ def run(federation: Federation, callbacks: Sequence[Callback] = (), checkpoint_d
         # 3. aggregate: the weighted mean of the client models
         tic = time.perf_counter()
         mean_state = aggregate.average(result.total, result.total_weight, global_state)
+        if federation.exact:  # LoRA: make the global effective weights the clients' mean, not mean(B)·mean(A)
+            lora.fold(federation.model, result.products, result.total_weight, mean_state)
         cosine = divergence.cosines(result.sketches, {c.client: c.num_samples for c in result.clients})
         metrics, clients = _round_metrics(result, global_state, cosine)
+        if federation.exact:  # a client also needs the folded base weights each round
+            metrics["download_bytes_per_client"] += _state_bytes(lora.base_weights(federation.model), True)
 
         # 4. server update on every worker, so all hold the same strategy state (FedAvg, server_lr = 1: the mean
         # becomes the global model)
@@ -120,7 +125,7 @@ def run(federation: Federation, callbacks: Sequence[Callback] = (), checkpoint_d
         # 5. evaluate the global model on the validation split
         if round_ % cfg.fl.eval_every == 0 or round_ == cfg.fl.rounds:
             tic = time.perf_counter()
-            federation.model.load_state_dict(global_state)
+            federation.load(global_state)
             val = evaluate(federation.model, federation.encoded["validation"], federation.collate,
                            cfg.runtime.eval_batch_size, federation.where)
             metrics.update({f"val_{k}": v for k, v in val.items()}, eval_seconds=time.perf_counter() - tic)
@@ -134,8 +139,8 @@ def run(federation: Federation, callbacks: Sequence[Callback] = (), checkpoint_d
         last = round_ == cfg.fl.rounds or stop
         if checkpoint_dir is not None and (round_ % cfg.fl.checkpoint_every == 0 or last):
             path = checkpoint.save(checkpoint.Checkpoint(
-                round_, global_state, cfg.to_dict(), history.rounds, torch.get_rng_state(), server.state()),
-                checkpoint_dir)
+                round_, global_state, cfg.to_dict(), history.rounds, torch.get_rng_state(), server.state(),
+                lora.base_weights(federation.model) if federation.exact else {}), checkpoint_dir)
             for cb in callbacks:
                 cb.after_checkpoint(round_, path)
 
@@ -143,5 +148,5 @@ def run(federation: Federation, callbacks: Sequence[Callback] = (), checkpoint_d
         if executor.agree(stop):
             history.stopped_early = round_ < cfg.fl.rounds
             break
-    federation.model.load_state_dict(global_state)
+    federation.load(global_state)
     return history, global_state

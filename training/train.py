@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training import checkpoint, dataref, partition, rounds, tracking
+from training import checkpoint, dataref, lora, partition, rounds, tracking
 from training.callbacks import Callback
 from training.config import Config, ConfigError, from_dict
 from training.evaluate import client_accuracies, predict, scores
@@ -105,6 +105,8 @@ def train(
     tracker = tracking.MlflowCallback(metrics, config.fl.keep_checkpoints)
     try:
         history, _ = rounds.run(federation, (tracker, _Printer(out), *callbacks), work.checkpoints, start, executor)
+        if federation.lora:  # tested, logged and registered as a plain model: loading it needs no peft
+            federation.model = lora.merged(federation.model)
         test = _test(federation, metrics, test_parts, history.rounds[-1]["round"])
         version = client.call(tracking.log_model, client, run_id, federation, registered,
                               doing="logging the model") if config.tracking.log_model else None
