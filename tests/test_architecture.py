@@ -21,7 +21,7 @@ ENTRY_POINTS = {"training.__main__"}  # `python -m training` is the command line
 
 # The engine: the round loop and what it runs. It receives plain values and hands results to callbacks.
 ENGINE = {f"training.{name}" for name in ("rounds", "client", "aggregate", "strategy", "executor", "distributed",
-                                          "divergence", "federation", "checkpoint", "evaluate")}
+                                          "divergence", "federation", "checkpoint", "evaluate", "lora")}
 NEVER_IN_ENGINE = ("mlflow", "optuna", "docker", "training.tracking", "training.tune", "training.tune_tracking",
                    "training.registry", "training.promote")
 # arithmetic over state dicts: nothing from training but aggregate
@@ -30,6 +30,7 @@ PURE = {"training.aggregate", "training.strategy", "training.divergence"}
 ROOMS = {
     "torch.distributed": {"training.distributed"},
     "docker": {"training.launch"},
+    "peft": {"training.lora"},
     "optuna": {"training.tune", "training.tune_tracking", "training.optuna_storage"},
     "mlflow": {"training.tracking", "training.tune_tracking", "training.registry", "training.promote",
                "training.store", "training.optuna_storage", "analysis.report"},
@@ -198,6 +199,7 @@ INJECTED = {
     "pure-arithmetic": ("training/divergence.py", "from training.config import Config"),
     "room-torch.distributed": ("training/client.py", "from torch import distributed"),
     "room-docker": ("training/cli.py", "def _f():\n    import docker.errors"),
+    "room-peft": ("training/rounds.py", "def _f():\n    from peft import LoraConfig"),
     "room-optuna": ("training/train.py", "def _f():\n    from optuna.trial import TrialState"),
     "room-mlflow": ("training/config.py", "import mlflow"),
     "torch-free": ("analysis/run_metrics.py", "from training import features"),

@@ -284,7 +284,8 @@ def test_training_stages_list_the_keys_they_read_and_none_they_set(stage, unlist
 
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
     listed = set(spec["params"])
-    read = {key for key in Config().flat() if key.split(".")[0] in ("model", "client", "fl", "runtime", "tracking")}
+    sections = ("model", "client", "fl", "peft", "runtime", "tracking")
+    read = {key for key in Config().flat() if key.split(".")[0] in sections}
     covered = {key for key in read if key in listed or key.split(".")[0] in listed}
     assert read - unlisted == covered - unlisted, f"dvc.yaml {stage} misses {sorted(read - unlisted - covered)}"
     assert not covered & unlisted, f"dvc.yaml {stage} lists {sorted(covered & unlisted)}, which it does not read"

@@ -1,5 +1,6 @@
-"""What ``--resume`` refuses, and a killed run resumed with a server strategy. Resuming killed FedAvg runs (SIGKILL at
-each phase of a round, bit-identical weights, every metric once) is drilled in tests/test_faults.py."""
+"""What ``--resume`` refuses, and a killed run resumed with server state (a strategy's, exact LoRA's folded base).
+Resuming killed FedAvg runs (SIGKILL at each phase of a round, bit-identical weights, every metric once) is drilled
+in tests/test_faults.py."""
 
 import subprocess
 import sys
@@ -27,11 +28,15 @@ def test_resume_of_a_finished_run_is_refused(tiny, store):
     assert str(client.get_model_version_by_alias(result.registered_name, "candidate").version) == result.model_version
 
 
-@pytest.mark.parametrize("settings", [["fl.strategy=fedadam", "fl.server_lr=1e-2"],
-                                      ["fl.strategy=fedprox", "client.prox_mu=0.1"]], ids=["fedadam", "fedprox"])
-def test_kill_9_mid_run_then_resume_is_exact_with_a_server_strategy(store, tmp_path, settings):
+@pytest.mark.parametrize("settings, server_state", [
+    (["fl.strategy=fedadam", "fl.server_lr=1e-2"], {"optimizer", "rng"}),
+    (["fl.strategy=fedprox", "client.prox_mu=0.1"], {"rng"}),
+    (["peft.method=lora", "peft.aggregation=exact", "client.lr=5e-3"], {"base", "rng"}),
+], ids=["fedadam", "fedprox", "lora-exact"])
+def test_kill_9_mid_run_then_resume_is_exact_with_server_state(store, tmp_path, settings, server_state):
     """Round 2 recomputed after a SIGKILL continues from round 1's checkpoint: for FedAdam only if the checkpoint
-    holds the server's moments, for FedProx only if the clients' anchor is the checkpoint's global model."""
+    holds the server's moments, for FedProx only if the clients' anchor is the checkpoint's global model, for exact
+    LoRA aggregation only if it holds the base weights the fold changed (the adapters alone are not the model)."""
     items = [*TINY, "tracking.log_model=false", *settings]
     client = MlflowClient(store)
     reference = train(config.load(None, items))
@@ -47,10 +52,12 @@ def test_kill_9_mid_run_then_resume_is_exact_with_a_server_strategy(store, tmp_p
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
-    def final(run: str) -> dict[str, torch.Tensor]:
-        return load_file(client.download_artifacts(run, "checkpoints/round-002/model.safetensors", str(tmp_path / run)))
+    def final(run: str, file: str) -> dict[str, torch.Tensor]:
+        return load_file(client.download_artifacts(run, f"checkpoints/round-002/{file}", str(tmp_path / run)))
 
-    got, want = final(run_id), final(reference.run_id)
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    for file in ("model.safetensors", "server.safetensors"):
+        got, want = final(run_id, file), final(reference.run_id, file)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), file
+    assert {k.split(".", 1)[0] for k in want} == server_state
     expected = drill.metric_points(client, reference.run_id)
     drill.assert_once_and_as_uninterrupted(drill.metric_points(client, run_id), expected)

@@ -51,7 +51,20 @@ def load_inputs(args: argparse.Namespace, cfg=None):
 
 
 # train ---------------------------------------------------------------------------------------------------------------
+TRAIN_EXAMPLES = """\
+examples:
+  fedtune train                                        # params.yaml: MiniLM-L6 on the shipped tweets, K=4, FedAvg
+  fedtune train --set fl.num_clients=8 --set fl.rounds=5
+  fedtune train --set peft.method=lora --set peft.r=8 --set client.lr=1e-3     # LoRA adapters (docs/lora.md)
+  fedtune train --set peft.method=lora --set peft.aggregation=exact            # exact mean of the clients' updates
+  fedtune train --set fl.strategy=fedadam --set fl.server_lr=1e-3              # docs/strategies.md
+  fedtune train --workers 2                            # clients over 2 processes (docs/distributed.md)
+"""
+
+
 def add_train(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = TRAIN_EXAMPLES
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add_config_options(parser)
     parser.add_argument("--split", metavar="FILE", help="client split JSON from `fedtune partition`; it must give "
                         "every training row to exactly one client, and every client a row. fl.num_clients and "

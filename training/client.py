@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from transformers import get_scheduler
 
-from training import strategy
+from training import batching, strategy
 from training.config import ClientConfig
 from training.devices import Device
 from training.features import to_device
@@ -91,6 +91,19 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: ClientConfig, local_st
     return torch.optim.lr_scheduler.LambdaLR(optimizer, shifted)
 
 
+def client_loader(dataset, indices: np.ndarray, collate, cfg: ClientConfig, seed: int, where: Device) -> DataLoader:
+    """The client's batches of ``dataset[indices]``, drawn from ``seed`` alone: shuffled (random), or shuffled and
+    grouped by token length (bucketed, ``training.batching``)."""
+    subset = Subset(dataset, indices.tolist())
+    # the loader also draws its worker base seed from this generator, so no draw touches the global RNG either way
+    generator = torch.Generator().manual_seed(seed)
+    common = {"generator": generator, "collate_fn": collate, "pin_memory": where.device.type == "cuda"}
+    if cfg.batching == "bucketed":
+        lengths = np.array([len(dataset[i]["input_ids"]) for i in indices])
+        return DataLoader(subset, batch_sampler=batching.BucketedBatches(lengths, cfg.batch_size, seed), **common)
+    return DataLoader(subset, batch_size=cfg.batch_size, shuffle=True, **common)
+
+
 def train_client(
     model: torch.nn.Module,
     global_state: dict[str, torch.Tensor],
@@ -115,11 +128,7 @@ def train_client(
     """
     load_global(model, global_state)
     model.train()
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(
-        Subset(dataset, indices.tolist()), batch_size=cfg.batch_size, shuffle=True, generator=generator,
-        collate_fn=collate, pin_memory=where.device.type == "cuda",
-    )
+    loader = client_loader(dataset, indices, collate, cfg, seed, where)
     optimizer = restart(optimizer) if optimizer is not None else make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, cfg.local_epochs * len(loader), round_, rounds)
     scaler = torch.amp.GradScaler(where.device.type, enabled=where.dtype == torch.float16)

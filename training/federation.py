@@ -74,6 +74,9 @@ def build(config: Config, split: list[np.ndarray] | None = None, device: str | N
     if config.peft.method == "lora":
         model = lora.wrap(model, config.peft, config.fl.seed)
     model = model.to(where.device)
+    if config.runtime.compile:
+        # in place: the module keeps its own state_dict keys and parameters, which every client loads into
+        model.compile()
     encoded = encode_task(task, tokenizer, config.model.max_length)
     federation = Federation(config, task, tokenizer, model, encoded, split, where, torch.empty(0))
     federation.signs = divergence.signs(federation.shared())
