@@ -198,6 +198,9 @@ def table(part: Part, results: dict[str, dict]) -> list[str]:
         if part.accuracy:
             line += f" {r['val_accuracy']:7.3f}"
         lines.append(line)
+    if part.rounds > 1:  # the first round also warms up (kernels, allocator); the last one is the steady state
+        lines.append("  samples/s in the last round: " + ", ".join(
+            f"{arm} {r['samples_per_second_last_round']:.1f}" for arm, r in results.items()))
     for arm, r in results.items():
         if full and arm != "full":
             ratio = {key: r[key] / full[key] for key in ("upload_bytes_per_client", "download_bytes_per_client",

@@ -3,6 +3,7 @@
     python benchmarks/speed.py                                  # MiniLM-L6, 512 tweets, batch 16, K = 1, 8, 32
     python benchmarks/speed.py --breakdown --tracking           # + where a client's time goes, + MLflow's share
     python benchmarks/speed.py --device cuda --precision bf16 --model bert-base --max-length 128 --batch-size 32
+    python benchmarks/speed.py --clients 1,8 --bucket --compile  # + each K with bucketed batches, + compiled
 
 In one process, interleaved (bare, K=1, K=8, K=32, bare, K=1, ... for --repeats rounds; medians reported):
   bare     a plain loop with no fedtune code: DataLoader + DataCollatorWithPadding over the same tokenized training
@@ -14,7 +15,10 @@ In one process, interleaved (bare, K=1, K=8, K=32, bare, K=1, ... for --repeats 
 Each run starts from the same initial weights. Printed: samples/s, the ratio of its time to the bare loop's, peak
 host RSS during that run (VmHWM from /proc, reset before each run via /proc/self/clear_refs), peak CUDA memory
 (max_memory_allocated) and, on CUDA, the MFU: 6 x parameters x non-pad tokens per sample x samples/s over the chip's
-dense bf16 peak (--peak-tflops; 989 TFLOP/s for H100/H200 SXM is assumed for those names).
+dense bf16 peak (--peak-tflops; 989 TFLOP/s for H100/H200 SXM is assumed for those names). Each run's pad share
+is the share of the tokens its batches hold (padded to each batch's longest text) that are padding.
+--bucket adds, for each K, the round with client.batching=bucketed; --compile the round with runtime.compile=true,
+whose first round (pass 0, compiling) is reported apart as its warm-up.
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ def model_name(args) -> str:
     return str(folder)
 
 
-def federation_for(args, name: str, clients: int, rounds: int = 1):
+def federation_for(args, name: str, clients: int, rounds: int = 1, extra: tuple[str, ...] = ()):
     from training import config
     from training.federation import build
 
@@ -88,7 +92,7 @@ def federation_for(args, name: str, clients: int, rounds: int = 1):
         f"model.name={name}", f"model.max_length={args.max_length}", f"data.max_samples={round(args.samples / 0.8)}",
         f"fl.num_clients={clients}", f"fl.rounds={rounds}", "client.local_epochs=1",
         f"client.batch_size={args.batch_size}", f"runtime.device={args.device}", f"runtime.precision={args.precision}",
-        f"runtime.threads={args.threads}", "partition.scheme=iid", *([f"data.source={args.data}"] if args.data else []),
+        f"runtime.threads={args.threads}", "partition.scheme=iid", *([f"data.source={args.data}"] if args.data else []), *extra,
     ])
     federation = build(cfg)
     return federation, federation.global_state()
@@ -132,15 +136,18 @@ class Bare:
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
+    def loader(self, seed: int):
+        return self.torch.utils.data.DataLoader(self.samples, batch_size=self.cfg.batch_size, shuffle=True,
+                                                generator=self.torch.Generator().manual_seed(seed),
+                                                collate_fn=self.collate, pin_memory=self.where.device.type == "cuda")
+
     def epoch(self, seed: int) -> None:
         from transformers import get_scheduler
 
         torch, cfg = self.torch, self.cfg
         self.model.load_state_dict(self.initial)
         self.model.train()
-        loader = torch.utils.data.DataLoader(self.samples, batch_size=cfg.batch_size, shuffle=True,
-                                             generator=torch.Generator().manual_seed(seed), collate_fn=self.collate,
-                                             pin_memory=self.where.device.type == "cuda")
+        loader = self.loader(seed)
         optimizer = self.optimizer()
         scheduler = get_scheduler(cfg.schedule, optimizer, int(cfg.warmup_ratio * len(loader)), len(loader))
         for batch in loader:
@@ -159,6 +166,15 @@ def fedtune_round(federation, initial, callbacks=()) -> tuple[float, dict]:
     sync(federation.where.device)
     metrics = history.rounds[-1]
     return time.perf_counter() - tic - metrics.get("eval_seconds", 0.0), metrics
+
+
+def round_loaders(federation) -> list:
+    """The loaders the clients of fedtune_round's round (round 1, every client) train from."""
+    from training.client import client_loader
+
+    return [client_loader(federation.encoded["train"], part, federation.collate, federation.config.client,
+                          federation.seed_for(1, client), federation.where)
+            for client, part in enumerate(federation.parts)]
 
 
 def timed(run, device) -> tuple[float, float, float]:
@@ -299,6 +315,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--peak-tflops", type=float, default=0.0,
                         help="the chip's dense bf16 peak for MFU (default: known for H100/H200/A100/L40S)")
+    parser.add_argument("--bucket", action="store_true",
+                        help="also run each K with length-bucketed batches (client.batching=bucketed)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run each K with the model compiled (runtime.compile=true); its compiling round is "
+                             "reported apart")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time each per-client piece (load_state_dict, optimizer, DataLoader, ...) at the "
                              "largest K")
@@ -306,12 +327,18 @@ def main() -> None:
                         help="also measure MLflow logging (SQLite store, per-client metrics) against the round at "
                              "the largest K")
     args = parser.parse_args()
+    from training.batching import pad_share
+
     ks = [int(k) for k in args.clients.split(",")]
     name = model_name(args)
-    federations = {}
+    variants = {"": (), **({" bucketed": ("client.batching=bucketed",)} if args.bucket else {}),
+                **({" compiled": ("runtime.compile=true",)} if args.compile else {})}
+    rounds_of = {}  # label -> (federation, initial weights)
     for k in ks:
-        print(f"building K={k} ...", file=sys.stderr, flush=True)
-        federations[k] = federation_for(args, name, k)
+        for suffix, extra in variants.items():
+            print(f"building K={k}{suffix} ...", file=sys.stderr, flush=True)
+            rounds_of[f"fedtune K={k}{suffix}"] = federation_for(args, name, k, extra=extra)
+    federations = {k: rounds_of[f"fedtune K={k}"] for k in ks}
     first, initial = federations[ks[0]]
     device = first.where.device
     bare = Bare(first, initial)
@@ -320,17 +347,26 @@ def main() -> None:
     tokens = sum(len(ids) for ids in first.encoded["train"].input_ids) / samples
 
     runs = {"bare loop": lambda seed: timed(lambda: bare.epoch(seed), device)}
-    for k, (federation, init) in federations.items():
-        runs[f"fedtune K={k}"] = lambda seed, f=federation, i=init: timed(lambda: fedtune_round(f, i)[0], device)
+    for label, (federation, init) in rounds_of.items():
+        runs[label] = lambda seed, f=federation, i=init: timed(lambda: fedtune_round(f, i)[0], device)
+    pads = {"bare loop": pad_share(bare.loader(1)),
+            **{label: pad_share(b for loader in round_loaders(f) for b in loader) for label, (f, _) in rounds_of.items()}}
     results = {label: [] for label in runs}
+    # pass 0 warms up the allocator, kernels and caches with the bare loop and the first round, and compiles each
+    # compiled round (its warm-up, reported apart); not counted
+    warm = {*list(runs)[:2], *(label for label in runs if label.endswith("compiled"))}
+    warmups = {}
     for repeat in range(args.repeats + 1):
-        # pass 0 warms up the allocator, kernels and caches with the bare loop and the first round; not counted
-        for label, run in list(runs.items())[:None if repeat else 2]:
+        for label, run in runs.items():
+            if not repeat and label not in warm:
+                continue
             seconds, rss, cuda = run(repeat)
-            print(f"  pass {repeat}{' (warm-up)' if not repeat else ''}: {label:14s} {seconds:7.2f} s  "
+            print(f"  pass {repeat}{' (warm-up)' if not repeat else ''}: {label:22s} {seconds:7.2f} s  "
                   f"peak RSS {rss:,.0f} MiB", file=sys.stderr, flush=True)
             if repeat:
                 results[label].append((seconds, rss, cuda))
+            elif label.endswith("compiled"):
+                warmups[label] = seconds
 
     peak = peak_tflops(args, device)
     print(f"machine: {machine(device)}; load average {os.getloadavg()[0]:.2f} at the end")
@@ -341,13 +377,16 @@ def main() -> None:
     for label, rows in results.items():
         seconds = statistics.median(s for s, _, _ in rows)
         rss = max(r for _, r, _ in rows)
-        line = (f"  {label:14s} {seconds:7.2f} s  {samples / seconds:8.1f} samples/s  ratio {seconds / base:5.3f}  "
-                f"peak RSS {rss:,.0f} MiB")
+        line = (f"  {label:22s} {seconds:7.2f} s  {samples / seconds:8.1f} samples/s  ratio {seconds / base:5.3f}  "
+                f"pad {pads[label]:5.1%}  peak RSS {rss:,.0f} MiB")
         if device.type == "cuda":
             line += f"  peak CUDA {max(c for _, _, c in rows):,.0f} MiB"
         if peak:
             line += f"  MFU {6 * params * tokens * samples / seconds / (peak * 1e12):.1%}"
         print(line)
+    for label, seconds in warmups.items():
+        print(f"  compile warm-up, {label}: first round {seconds:.2f} s (less its validation pass and that pass's own "
+              f"compiling), {seconds - statistics.median(s for s, _, _ in results[label]):.2f} s over a compiled one")
     if peak:
         print(f"  MFU = 6 x parameters x non-pad tokens per text x samples/s / {peak:.0f} TFLOP/s (dense bf16 peak)")
     k_max = max(ks)

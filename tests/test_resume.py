@@ -57,7 +57,9 @@ def test_kill_9_mid_run_then_resume_is_exact_with_server_state(store, tmp_path, 
 
     for file in ("model.safetensors", "server.safetensors"):
         got, want = final(run_id, file), final(reference.run_id, file)
-        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), file
+        # not the torch RNG: clients and model init draw from forked generators, so the global state saved is what
+        # the process drew before the run (the reference ran inside pytest)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want if k != "rng.torch"), file
     assert {k.split(".", 1)[0] for k in want} == server_state
     expected = drill.metric_points(client, reference.run_id)
     drill.assert_once_and_as_uninterrupted(drill.metric_points(client, run_id), expected)
