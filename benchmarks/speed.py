@@ -92,7 +92,8 @@ def federation_for(args, name: str, clients: int, rounds: int = 1, extra: tuple[
         f"model.name={name}", f"model.max_length={args.max_length}", f"data.max_samples={round(args.samples / 0.8)}",
         f"fl.num_clients={clients}", f"fl.rounds={rounds}", "client.local_epochs=1",
         f"client.batch_size={args.batch_size}", f"runtime.device={args.device}", f"runtime.precision={args.precision}",
-        f"runtime.threads={args.threads}", "partition.scheme=iid", *([f"data.source={args.data}"] if args.data else []), *extra,
+        f"runtime.threads={args.threads}", "partition.scheme=iid", *([f"data.source={args.data}"] if args.data else []),
+        *extra,
     ])
     federation = build(cfg)
     return federation, federation.global_state()
@@ -144,7 +145,7 @@ class Bare:
     def epoch(self, seed: int) -> None:
         from transformers import get_scheduler
 
-        torch, cfg = self.torch, self.cfg
+        cfg = self.cfg
         self.model.load_state_dict(self.initial)
         self.model.train()
         loader = self.loader(seed)
@@ -168,13 +169,15 @@ def fedtune_round(federation, initial, callbacks=()) -> tuple[float, dict]:
     return time.perf_counter() - tic - metrics.get("eval_seconds", 0.0), metrics
 
 
-def round_loaders(federation) -> list:
-    """The loaders the clients of fedtune_round's round (round 1, every client) train from."""
+def round_pad_share(federation) -> float:
+    """The pad share of the batches the clients of fedtune_round's round (round 1, every client) train on."""
+    from training.batching import pad_share
     from training.client import client_loader
 
-    return [client_loader(federation.encoded["train"], part, federation.collate, federation.config.client,
-                          federation.seed_for(1, client), federation.where)
-            for client, part in enumerate(federation.parts)]
+    return pad_share(batch for client, part in enumerate(federation.parts)
+                     for batch in client_loader(federation.encoded["train"], part, federation.collate,
+                                                federation.config.client, federation.seed_for(1, client),
+                                                federation.where))
 
 
 def timed(run, device) -> tuple[float, float, float]:
@@ -350,7 +353,7 @@ def main() -> None:
     for label, (federation, init) in rounds_of.items():
         runs[label] = lambda seed, f=federation, i=init: timed(lambda: fedtune_round(f, i)[0], device)
     pads = {"bare loop": pad_share(bare.loader(1)),
-            **{label: pad_share(b for loader in round_loaders(f) for b in loader) for label, (f, _) in rounds_of.items()}}
+            **{label: round_pad_share(f) for label, (f, _) in rounds_of.items()}}
     results = {label: [] for label in runs}
     # pass 0 warms up the allocator, kernels and caches with the bare loop and the first round, and compiles each
     # compiled round (its warm-up, reported apart); not counted

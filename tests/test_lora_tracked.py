@@ -59,7 +59,7 @@ def test_two_gloo_workers_match_one_process_and_send_only_the_trainable_tensors(
     assert uploads == [state_bytes(sent)] * 2
     full = state_bytes(federation.model.state_dict())
     print(f"\nLoRA exact, 2 workers vs 1 process: max |diff| adapters/head {worst:.1e}, folded base {worst_base:.1e}; "
-          f"upload {uploads[0]:,} B per client of {full:,} B in the model")
+          f"upload {int(uploads[0]):,} B per client of {full:,} B in the model")
 
 
 def test_a_lora_trained_model_registers_as_a_plain_model_and_evaluates_as_logged(tiny, store, monkeypatch, capsys):

@@ -100,8 +100,7 @@ class ClientConfig:
     max_grad_norm: float = 1.0  # gradient clipping; 0 = off
     prox_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2 added to the loss; fl.strategy=fedprox only
     schedule_scope: str = "client"  # client (schedule restarts each round) | run (warm-up and decay span all rounds)
-    # random | bucketed: texts of similar length batched together (seeded like random), so fewer pad tokens
-    batching: str = "random"
+    batching: str = "random"  # random | bucketed (texts of similar length share a batch: fewer pad tokens)
 
 
 @dataclass(frozen=True)
