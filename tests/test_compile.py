@@ -12,6 +12,7 @@ from training.client import train_client
 from training.federation import build
 
 
+@pytest.mark.slow
 def test_a_compiled_lora_client_trains_to_the_eager_ones_losses(tiny, monkeypatch):
     # inductor draws dropout masks with its own generator unless told to call eager's, which the comparison needs
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
