@@ -3,6 +3,7 @@
 #   1. benchmarks/speed.py, bf16, batch 32, K = 8 and 32, 4,096 training tweets: a bare PyTorch loop against
 #      fedtune's round, interleaved; samples/s, ratio, peak CUDA memory and MFU, for MiniLM-L6 (max length 64, with
 #      the per-client breakdown) and a BERT-base-sized model (random weights, max length 128);
+#      and, for MiniLM at K=8, length-bucketed batches (client.batching) and torch.compile (runtime.compile);
 #   2. benchmarks/workers.py: 1, 2 and 4 worker processes sharing the GPU (K=8, 9,600 tweets, batch 32).
 #
 #   bash benchmarks/gpu.sh [MODEL] [DATA]     # defaults: the shipped MiniLM-L6 and tweet corpus (pkg://...)
@@ -23,6 +24,8 @@ speed() {
 }
 echo "== speed: MiniLM-L6, max length 64"
 speed --model "$model" --max-length 64 --breakdown
+echo "== speed: MiniLM-L6, max length 64, K=8: length-bucketed batches and torch.compile against plain"
+speed --model "$model" --max-length 64 --clients 8 --bucket --compile
 echo "== speed: $big, max length 128"
 speed --model "$big" --max-length 128
 echo "== workers sharing the $device: MiniLM-L6, K=8, batch 32"

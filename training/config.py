@@ -368,8 +368,7 @@ def _validate_peft(p: PeftConfig) -> None:
     _require(0.0 <= p.dropout < 1.0, "peft.dropout", f"must be in [0, 1), got {p.dropout}")
     _require(p.aggregation in LORA_AGGREGATIONS, "peft.aggregation",
              f"must be one of {LORA_AGGREGATIONS}, got {p.aggregation!r}")
-    names = [m.strip() for m in p.target_modules.split(",")]
-    _require(not p.target_modules or all(names), "peft.target_modules",
+    _require(all(target_modules(p)), "peft.target_modules",
              f"expected comma-separated module names such as query,value, got {p.target_modules!r}")
 
 

@@ -26,7 +26,6 @@ class Federation:
     encoded: dict[str, Encoded]
     parts: list[np.ndarray]  # client id -> row indices into the training split
     where: Device
-    signs: torch.Tensor  # for update sketches (training.divergence)
 
     @property
     def lora(self) -> bool:
@@ -40,6 +39,11 @@ class Federation:
     @functools.cached_property
     def collate(self):
         return collator(self.tokenizer)
+
+    @functools.cached_property
+    def signs(self) -> torch.Tensor:
+        """The random signs of the update sketches (training.divergence), one per exchanged weight."""
+        return divergence.signs(self.shared())
 
     def seed_for(self, round_: int, client: int) -> int:
         return client_seed(self.config.fl.seed, round_, client)
@@ -78,6 +82,4 @@ def build(config: Config, split: list[np.ndarray] | None = None, device: str | N
         # in place: the module keeps its own state_dict keys and parameters, which every client loads into
         model.compile()
     encoded = encode_task(task, tokenizer, config.model.max_length)
-    federation = Federation(config, task, tokenizer, model, encoded, split, where, torch.empty(0))
-    federation.signs = divergence.signs(federation.shared())
-    return federation
+    return Federation(config, task, tokenizer, model, encoded, split, where)
