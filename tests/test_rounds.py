@@ -5,6 +5,7 @@ import gc
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from training import aggregate, client, divergence, rounds
 from training.callbacks import Callback
@@ -114,7 +115,8 @@ class LiveTensorBytes:
     def update(self, steps):
         storages = {}
         for obj in gc.get_objects():
-            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+            # a FakeTensor (torch.compile's tracing, kept in its caches) has shapes but no memory
+            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not isinstance(obj, FakeTensor):
                 storage = obj.untyped_storage()
                 storages[storage.data_ptr()] = storage.nbytes()
         self.peak = max(self.peak, sum(storages.values()))
