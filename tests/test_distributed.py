@@ -78,7 +78,9 @@ def test_a_killed_worker_fails_the_run_and_resume_with_one_worker_finishes(store
             assert proc.poll() is None and time.time() < deadline, err.read_text()[-2000:]
             time.sleep(0.1)
         run_id = run_id_of(out.read_text())
-        worker = int(re.search(r"worker 1/2 on .*, pid (\d+)", err.read_text()).group(1))
+        # [^,]*: the workers' start-up lines may interleave on one line of stderr (print writes the text, then the
+        # newline), and a greedy .* would take worker 0's pid from later on that line
+        worker = int(re.search(r"worker 1/2 on [^,]*, pid (\d+)", err.read_text()).group(1))
         # the main worker opens round 2's progress bar once round 1 is checkpointed: both workers are in round 2
         while "round 2/4" not in err.read_text():
             assert proc.poll() is None and time.time() < deadline, err.read_text()[-2000:]
