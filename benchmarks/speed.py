@@ -169,9 +169,18 @@ def fedtune_round(federation, initial, callbacks=()) -> tuple[float, dict]:
     return time.perf_counter() - tic - metrics.get("eval_seconds", 0.0), metrics
 
 
+def pad_share(batches) -> float:
+    """The share of padding among the tokens of collated ``batches`` (each padded to its longest text): the part of
+    the model's work spent on pad tokens."""
+    pads = total = 0
+    for batch in batches:
+        pads += int((batch["attention_mask"] == 0).sum())
+        total += batch["attention_mask"].numel()
+    return pads / total
+
+
 def round_pad_share(federation) -> float:
     """The pad share of the batches the clients of fedtune_round's round (round 1, every client) train on."""
-    from training.batching import pad_share
     from training.client import client_loader
 
     return pad_share(batch for client, part in enumerate(federation.parts)
@@ -330,8 +339,6 @@ def main() -> None:
                         help="also measure MLflow logging (SQLite store, per-client metrics) against the round at "
                              "the largest K")
     args = parser.parse_args()
-    from training.batching import pad_share
-
     ks = [int(k) for k in args.clients.split(",")]
     name = model_name(args)
     variants = {"": (), **({" bucketed": ("client.batching=bucketed",)} if args.bucket else {}),

@@ -44,14 +44,3 @@ class BucketedBatches(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return -(-len(self.lengths) // self.batch_size)
-
-
-
-def pad_share(batches) -> float:
-    """The share of padding among the tokens of collated ``batches`` (each padded to its longest text): the part of
-    the model's work spent on pad tokens."""
-    pads = total = 0
-    for batch in batches:
-        pads += int((batch["attention_mask"] == 0).sum())
-        total += batch["attention_mask"].numel()
-    return pads / total

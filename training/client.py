@@ -99,8 +99,8 @@ def client_loader(dataset, indices: np.ndarray, collate, cfg: ClientConfig, seed
     generator = torch.Generator().manual_seed(seed)
     common = {"generator": generator, "collate_fn": collate, "pin_memory": where.device.type == "cuda"}
     if cfg.batching == "bucketed":
-        lengths = np.array([len(dataset[i]["input_ids"]) for i in indices])
-        return DataLoader(subset, batch_sampler=batching.BucketedBatches(lengths, cfg.batch_size, seed), **common)
+        sampler = batching.BucketedBatches(dataset.lengths[indices], cfg.batch_size, seed)
+        return DataLoader(subset, batch_sampler=sampler, **common)
     return DataLoader(subset, batch_size=cfg.batch_size, shuffle=True, **common)
 
 

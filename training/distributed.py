@@ -107,28 +107,26 @@ class Distributed:
         )
 
     def _sum(self, mine: CohortResult, global_state: State) -> tuple[State, int, float]:
-        """One all_reduce over a flat buffer of every averaged tensor, plus the sample count and the weight."""
-        keys = [k for k, v in global_state.items() if v.is_floating_point()]
-        parts = [mine.total[k] if mine.total else torch.zeros_like(global_state[k], dtype=torch.float32) for k in keys]
-        flat = torch.cat([p.flatten().to(self.device) for p in parts])
+        """The cohort's weighted sum of every averaged tensor, its sample count and its weight."""
+        floats = {k: v for k, v in global_state.items() if v.is_floating_point()}
+        total = self._reduce(mine.total or {k: torch.zeros_like(v, dtype=torch.float32) for k, v in floats.items()})
         count = torch.tensor([float(mine.num_samples), mine.total_weight], dtype=torch.float64, device=self.device)
-        dist.all_reduce(flat)
         dist.all_reduce(count)
-        total, offset = {}, 0
-        for key, part in zip(keys, parts):
-            total[key] = flat[offset: offset + part.numel()].view_as(part)
-            offset += part.numel()
         num_samples, total_weight = count.tolist()
         return total, int(num_samples), total_weight
 
     def _sum_products(self, mine: CohortResult, global_state: State) -> State:
-        """Exact LoRA aggregation: the cohort's sum of weight * B·A per adapted module, in one all_reduce."""
-        products = mine.products if mine.products is not None else lora.zero_products(global_state)
-        keys = sorted(products)
-        flat = torch.cat([products[k].flatten().to(self.device) for k in keys])
+        """Exact LoRA aggregation: the cohort's sum of weight * B·A per adapted module."""
+        return self._reduce(mine.products if mine.products is not None else lora.zero_products(global_state))
+
+    def _reduce(self, tensors: State) -> State:
+        """Each tensor summed over the workers, in one all_reduce of a flat buffer (sorted keys: every worker lays
+        the buffer out alike)."""
+        keys = sorted(tensors)
+        flat = torch.cat([tensors[k].flatten().to(self.device) for k in keys])
         dist.all_reduce(flat)
-        parts = flat.split([products[k].numel() for k in keys])
-        return {k: part.view_as(products[k]) for k, part in zip(keys, parts)}
+        parts = flat.split([tensors[k].numel() for k in keys])
+        return {k: part.view_as(tensors[k]) for k, part in zip(keys, parts)}
 
     def agree(self, stop: bool) -> bool:
         """Every worker takes the main worker's decision to stop."""

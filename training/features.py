@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -22,6 +24,11 @@ class Encoded(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return {"input_ids": self.input_ids[i], "labels": int(self.labels[i])}
+
+    @functools.cached_property
+    def lengths(self) -> np.ndarray:
+        """Tokens per text (length-bucketed batches group by it), counted once per process."""
+        return np.array([len(ids) for ids in self.input_ids])
 
 
 def _encode(split: Split, tokenizer, max_length: int) -> Encoded:
