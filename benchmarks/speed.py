@@ -7,8 +7,8 @@
 
 In one process, interleaved (bare, K=1, K=8, K=32, bare, K=1, ... for --repeats rounds; medians reported):
   bare     a plain loop with no fedtune code: DataLoader + DataCollatorWithPadding over the same tokenized training
-           samples, the same model and initial weights, AdamW with the same no-decay groups (foreach on the CPU,
-           fused on CUDA), the same scheduler and gradient clipping, the same autocast; one epoch.
+           samples, the same model and initial weights, AdamW with the same no-decay groups (fused, as fedtune's
+           client), the same scheduler and gradient clipping, the same autocast; one epoch.
   K=k      one fedtune round over the same samples split across k clients, one local epoch each:
            ``training.rounds.run`` with ``fl.rounds=1`` (sample, train every client, aggregate, sketches and
            cosines, server update, round metrics) less its validation pass (``eval_seconds``).
@@ -122,8 +122,7 @@ class Bare:
         params = list(self.model.parameters())
         groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-        batched = {"fused": True} if self.where.device.type == "cuda" else {"foreach": True}
-        return torch.optim.AdamW(groups, lr=cfg.lr, **batched)
+        return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
 
     def step(self, batch: dict, optimizer, scheduler=None) -> None:
         batch = {k: v.to(self.where.device, non_blocking=True) for k, v in batch.items()}

@@ -20,7 +20,7 @@ def centralized_epoch(cfg, federation) -> dict[str, torch.Tensor]:
     seed = client_seed(cfg.fl.seed, 1, 0)
     loader = DataLoader(federation.encoded["train"], batch_size=cfg.client.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed), collate_fn=federation.collate)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.client.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.client.lr, weight_decay=0.0, fused=True)
     torch.manual_seed(seed)
     model.train()
     for batch in loader:

@@ -115,7 +115,8 @@ def test_one_client_for_one_round_is_centralized_lora_fine_tuning_for_one_epoch(
                                                 target_modules=["query", "value"], modules_to_save=["classifier"]))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.01},
-                                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=5e-3)
+                                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=5e-3,
+                                  fused=True)
     rows = federation.parts[0]
     assert sorted(rows.tolist()) == list(range(len(data)))  # one client holds the whole training split
     seed = federation.seed_for(1, 0)

@@ -39,11 +39,16 @@ def client_seed(seed: int, round_: int, client: int) -> int:
 def load_global(model: torch.nn.Module, global_state: dict[str, torch.Tensor]) -> None:
     """Copy the global weights into ``model``. Under LoRA they are the trainable tensors alone (the frozen base stays
     as it is); a trainable weight missing from them, or a name the model lacks, is an error."""
-    missing, unexpected = model.load_state_dict(global_state, strict=False)
-    trained = {name for name, param in model.named_parameters() if param.requires_grad}
-    if unexpected or trained.intersection(missing):
-        raise ValueError(f"the global state does not fit the model: unknown {unexpected[:3]}, missing trainable "
-                         f"{sorted(trained.intersection(missing))[:3]}")
+    own = model.state_dict()  # the model's tensors themselves (no copy)
+    unknown = [name for name in global_state if name not in own]
+    missing = sorted({name for name, param in model.named_parameters() if param.requires_grad} - global_state.keys())
+    if unknown or missing:
+        raise ValueError(f"the global state does not fit the model: unknown {unknown[:3]}, missing trainable "
+                         f"{missing[:3]}")
+    # plain copies, paid by every client: load_state_dict's per-module walk cost MiniLM ~2 ms more per client
+    with torch.no_grad():
+        for name, value in global_state.items():
+            own[name].copy_(value)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: ClientConfig) -> torch.optim.Optimizer:
@@ -54,9 +59,10 @@ def make_optimizer(model: torch.nn.Module, cfg: ClientConfig) -> torch.optim.Opt
         if param.requires_grad:
             (no_decay if param.ndim < 2 else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # A few kernels per step over all parameters instead of a loop over them. Fused on CUDA; on the CPU only
-    # foreach gives the same weights, bit for bit, as the per-parameter loop (fused AdamW there does not).
-    batched = {"fused": True} if next(model.parameters()).is_cuda else {"foreach": True}
+    # One fused kernel per step over all parameters, on CUDA and on the CPU: for MiniLM on 2 CPU cores an AdamW step
+    # took 16 ms fused against 81 ms foreach (which allocates a sqrt of the second moments each step) and 94 ms as
+    # the per-parameter loop (issue 18). Fused weights are deterministic but not bit-equal to the loop's.
+    batched = {"fused": True} if next(model.parameters()).device.type in ("cuda", "cpu") else {"foreach": True}
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, **batched)
     return torch.optim.AdamW(groups, lr=cfg.lr, **batched)
