@@ -27,15 +27,30 @@ def flat_update(local, global_state) -> torch.Tensor:
 
 
 def test_the_sketch_puts_each_parameter_in_its_bucket_with_its_sign():
+    """Parameter j sits in slice i = j // SLICE, row r, column c; it lands in bucket (c + shifts[i]) mod BUCKETS with
+    the sign flips[i] * table[starts[i] + r, c]. Computed here in float64, parameter by parameter."""
     local, global_state = synthetic_update()
     sign = divergence.signs(global_state)
     delta = flat_update(local, global_state)
-    assert set(sign[:delta.numel()].unique().tolist()) == {-1.0, 1.0} and not sign[delta.numel():].any()
-    padded = torch.zeros(sign.numel(), dtype=torch.float64)
-    padded[:delta.numel()] = delta
-    expected = (padded * sign.double()).view(-1, divergence.BUCKETS).sum(0)  # parameter j -> bucket j mod BUCKETS
+    assert set(sign.table.unique().tolist()) == {-1.0, 1.0} and len(sign.starts) == 5  # 5.0M parameters
+    assert len(set(sign.starts)) > 1 and len(set(sign.shifts)) > 1  # slices really take other windows and shifts
+    j = torch.arange(delta.numel())
+    slice_, row, column = j // divergence.SLICE, j % divergence.SLICE // divergence.BUCKETS, j % divergence.BUCKETS
+    starts, shifts, flips = (torch.tensor(v) for v in (sign.starts, sign.shifts, sign.flips))
+    signed = delta * flips[slice_].double() * sign.table.double()[starts[slice_] + row, column]
+    bucket = (column + shifts[slice_]) % divergence.BUCKETS
+    expected = torch.zeros(divergence.BUCKETS, dtype=torch.float64).index_add_(0, bucket, signed)
     sketch, _ = divergence.update_sketch(local, global_state, sign)
     torch.testing.assert_close(sketch.double(), expected, rtol=0, atol=1e-6 * float(expected.abs().max()))
+
+
+def test_the_signs_do_not_grow_with_the_model():
+    """One stored sign per parameter was a second copy of the model (4 GB for a 1B model, on its device)."""
+    small = divergence.signs({"w": torch.empty(1000, device="meta")})
+    large = divergence.signs({"w": torch.empty(10**9, device="meta"), "b": torch.empty(10, device="meta")})
+    assert small.table.shape == large.table.shape == (divergence.TABLE_ROWS, divergence.BUCKETS)
+    assert len(large.starts) == len(large.shifts) == len(large.flips) == -(-(10**9 + 10) // divergence.SLICE)
+    assert large.table.device.type == "meta"  # made on the parameters' device
 
 
 def test_the_update_norm_is_exact_for_millions_of_parameters():

@@ -41,8 +41,8 @@ class Federation:
         return collator(self.tokenizer)
 
     @functools.cached_property
-    def signs(self) -> torch.Tensor:
-        """The random signs of the update sketches (training.divergence), one per exchanged weight."""
+    def signs(self) -> divergence.Signs:
+        """The random signs of the update sketches (training.divergence), sized for the exchanged weights."""
         return divergence.signs(self.shared())
 
     def seed_for(self, round_: int, client: int) -> int:
