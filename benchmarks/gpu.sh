@@ -4,7 +4,9 @@
 #      fedtune's round, interleaved; samples/s, ratio, peak CUDA memory and MFU, for MiniLM-L6 (max length 64, with
 #      the per-client breakdown) and a BERT-base-sized model (random weights, max length 128);
 #      and, for MiniLM at K=8, length-bucketed batches (client.batching) and torch.compile (runtime.compile);
-#   2. benchmarks/workers.py: 1, 2 and 4 worker processes sharing the GPU (K=8, 9,600 tweets, batch 32).
+#   2. benchmarks/workers.py: 1, 2 and 4 worker processes sharing the GPU (K=8, 9,600 tweets, batch 32);
+#   3. `fedtune train --workers auto` against `--workers 1` (same study, 2 rounds): the probe's table and time, the
+#      count it chose, and each run's wall time and last-round time.
 #
 #   bash benchmarks/gpu.sh [MODEL] [DATA]     # defaults: the shipped MiniLM-L6 and tweet corpus (pkg://...)
 #   DEVICE=cpu SAMPLES=64 BIG=tiny-bert WORKERS_SAMPLES=64 WORKERS="1 2" THREADS=1 bash benchmarks/gpu.sh  # CPU, tiny
@@ -31,3 +33,19 @@ speed --model "$big" --max-length 128
 echo "== workers sharing the $device: MiniLM-L6, K=8, batch 32"
 "$python" benchmarks/workers.py --device "$device" --model "$model" --data "$data" --samples "$workers_samples" \
   --clients 8 --rounds 2 --batch-size 32 --threads "$threads" --workers $workers
+echo "== fedtune train --workers auto against --workers 1: MiniLM-L6, K=8, batch 32, 2 rounds (auto's wall time \
+includes its probe)"
+store=$(mktemp -d)
+for count in 1 auto; do
+  started=$(date +%s.%N)
+  MLFLOW_TRACKING_URI="sqlite:///$store/mlflow.db" "$python" -m training train --workers "$count" \
+    --set model.name="$model" --set data.source="$data" --set data.max_samples=$((workers_samples * 10 / 8)) \
+    --set fl.num_clients=8 --set fl.rounds=2 --set client.batch_size=32 --set runtime.device="$device" \
+    --set tracking.log_model=false --set tracking.register=false --rounds-out "$store/$count.csv" \
+    > /dev/null 2> >(grep -E "workers auto|samples/s|^ +[0-9]+ +[0-9-]+ |worker [0-9]+/" >&2)
+  "$python" -c "import sys, time, pandas as pd; last = pd.read_csv(sys.argv[1]).iloc[-1]
+print(f'--workers {sys.argv[2]}: wall {time.time() - float(sys.argv[3]):.1f} s, last round '
+      f'{last.round_seconds:.1f} s (client training {last.compute_seconds:.1f} s)')" "$store/$count.csv" "$count" \
+    "$started"
+done
+rm -rf "$store"

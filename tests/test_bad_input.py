@@ -206,7 +206,7 @@ def test_nan_loss_stops_the_run_marks_it_failed_and_keeps_checkpoints(tiny, stor
 
     poison = PoisonAfterRound1()
     try:
-        with pytest.raises(NonFiniteLoss, match="loss is nan"):
+        with pytest.raises(NonFiniteLoss, match=r"round 2, client \d: loss is nan at local step 1$"):
             train(tiny("fl.rounds=3"), callbacks=(poison,))
     finally:
         if poison.handle is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -59,6 +60,7 @@ examples:
   fedtune train --set peft.method=lora --set peft.aggregation=exact            # exact mean of the clients' updates
   fedtune train --set fl.strategy=fedadam --set fl.server_lr=1e-3              # docs/strategies.md
   fedtune train --workers 2                            # clients over 2 processes (docs/distributed.md)
+  fedtune train --workers auto                         # as many processes as pay off, measured first
 """
 
 
@@ -74,9 +76,12 @@ def add_train(parser: argparse.ArgumentParser) -> None:
                         "checkpoint (its own config is used; --params/--set are not allowed)")
     parser.add_argument("--from-round", type=int, metavar="N", help="with --resume: continue from round N's kept "
                         "checkpoint instead of the newest (e.g. when the newest is damaged)")
-    parser.add_argument("--workers", type=int, default=1, metavar="N",
+    parser.add_argument("--workers", type=workers_option, default=1, metavar="N|auto",
                         help="train each round's clients on N worker processes (torch.distributed; starts torchrun "
-                             "for you); same as `torchrun --nproc-per-node N -m training train ...`")
+                             "for you); same as `torchrun --nproc-per-node N -m training train ...`. auto: first "
+                             "train a few steps with 1, 2, 4... processes at once and take the fewest within 5%% of "
+                             "the fastest that fit in memory (~10-20 s per count; this machine only, so not with "
+                             "--nodes or --resume)")
     parser.add_argument("--nodes", type=int, default=1, metavar="N",
                         help="with --workers: machines taking part; run the same command on each (multi-node)")
     parser.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
@@ -89,7 +94,21 @@ def add_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds-out", metavar="FILE", help="write per-round metrics as CSV (for dvc plots)")
 
 
+def workers_option(value: str) -> int | str:
+    """``--workers``: a count of processes, or auto (``training.worker_count`` measures and chooses)."""
+    if value == "auto" or (value.isdigit() and int(value) >= 1):
+        return value if value == "auto" else int(value)
+    raise argparse.ArgumentTypeError(f"{value!r} is not a number of processes: give a count such as 2, or auto to "
+                                     f"measure and choose")
+
+
+RUN_TAGS = "FEDTUNE_RUN_TAGS"  # JSON tags for the run, from the `fedtune train` that started these workers
+
+
 def run_train(args: argparse.Namespace) -> int:
+    if args.workers == "auto" and (args.resume or args.nodes > 1):
+        raise ConfigError("--workers auto measures this machine for the config given here: with --resume or "
+                          "--nodes > 1 give a count, e.g. --workers 2")
     if args.resume and (args.overrides or args.params or args.set_file):
         raise ConfigError("--resume continues a run with the config it was started with; drop --params and --set")
     if args.from_round is not None and not args.resume:
@@ -99,15 +118,22 @@ def run_train(args: argparse.Namespace) -> int:
     probe(os.environ.get("MLFLOW_TRACKING_URI", ""))  # an unreachable server fails in seconds, before data loads
     # a resumed run is checked with the config it was started with, once train() has read it
     cfg, split = (None, None) if args.resume else load_inputs(args)
+    tags, environment = json.loads(os.environ.get(RUN_TAGS, "{}")), {}
+    if args.workers == "auto":
+        from training import worker_count
+
+        decision = worker_count.decide(cfg, split)
+        args.workers, tags, environment = decision.workers, decision.tags(), decision.environment()
     if args.workers > 1 or args.nodes > 1:
-        return start_workers(args)
+        return start_workers(args, {**environment, RUN_TAGS: json.dumps(tags)})
     from training.config import Config
     from training.distributed import Distributed, launched
     from training.train import train
 
     cfg = cfg or Config()
     executor = Distributed() if launched() else None
-    tags = {"split.path": str(Path(args.split).resolve())} if args.split else {}
+    if args.split:
+        tags["split.path"] = str(Path(args.split).resolve())
     if args.set_file:  # where overrides came from, e.g. a tuned file of the DVC tune stage
         tags["config.set_files"] = ", ".join(args.set_file)
     try:
@@ -131,8 +157,9 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def start_workers(args: argparse.Namespace) -> int:
-    """Re-run this command under torchrun: ``--workers`` processes here, on each of ``--nodes`` machines."""
+def start_workers(args: argparse.Namespace, environment: dict[str, str] | None = None) -> int:
+    """Re-run this command under torchrun: ``--workers`` processes here, on each of ``--nodes`` machines, with
+    ``environment`` added to theirs."""
     import subprocess
 
     if args.nodes > 1:
@@ -144,7 +171,7 @@ def start_workers(args: argparse.Namespace) -> int:
         where = ["--standalone"]
     command = [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={args.workers}",
                "-m", "training", "train", *worker_argv(args)]
-    return subprocess.call(command)
+    return subprocess.call(command, env={**os.environ, **(environment or {})})
 
 
 LAUNCHER = ("workers", "nodes", "rdzv_endpoint", "rdzv_id")  # the train options torchrun's own replace

@@ -161,14 +161,14 @@ def train_client(
                 losses.append(loss.detach())  # no .item(): reading a GPU value waits for the queued work
                 if progress is not None:
                     progress.update(1)
-    return ClientResult(client, len(indices), len(losses), float(np.mean(finite_losses(losses, client))))
+    return ClientResult(client, len(indices), len(losses), float(np.mean(finite_losses(losses, round_, client))))
 
 
-def finite_losses(losses: list[torch.Tensor], client: int) -> list[float]:
+def finite_losses(losses: list[torch.Tensor], round_: int, client: int) -> list[float]:
     """The client's per-step losses, read from the device once; a non-finite one fails the run before aggregation
     can use the weights it produced."""
     values = torch.stack(losses).tolist()
     for step, value in enumerate(values, 1):
         if not math.isfinite(value):
-            raise NonFiniteLoss(f"client {client}: loss is {value} at local step {step}")
+            raise NonFiniteLoss(f"round {round_}, client {client}: loss is {value} at local step {step}")
     return values
