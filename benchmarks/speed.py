@@ -204,10 +204,9 @@ def breakdown(federation, initial, bare: Bare, repeats: int) -> dict[str, float]
     """Median milliseconds per client of each set-up and bookkeeping piece that the bare loop pays once per epoch
     or never, each measured alone, against one bare training step and one whole client (all its steps)."""
     import torch
-    from torch.utils.data import DataLoader, Subset
 
     from training import aggregate, divergence
-    from training.client import make_optimizer, make_scheduler, train_client
+    from training.client import client_loader, load_global, make_optimizer, restart, train_client
 
     cfg, model, where = federation.config, federation.model, federation.where
     client = 0
@@ -221,13 +220,13 @@ def breakdown(federation, initial, bare: Bare, repeats: int) -> dict[str, float]
     def train(optimizer):
         train_client(model, initial, federation.encoded["train"], federation.parts[client], federation.collate,
                      cfg.client, 0, where, client, optimizer=optimizer)
+    train(shared)  # the shared optimizer now holds state, as from a cohort's second client on
     parts = {
-        "load_state_dict": lambda: model.load_state_dict(initial),
-        "optimizer + scheduler": lambda: make_scheduler(make_optimizer(model, cfg.client), cfg.client, 1, 1, 1),
-        "DataLoader + first batch": lambda: next(iter(DataLoader(
-            Subset(federation.encoded["train"], federation.parts[client].tolist()), batch_size=cfg.client.batch_size,
-            shuffle=True, generator=torch.Generator().manual_seed(0), collate_fn=federation.collate))),
-        "state_dict": lambda: model.state_dict(),
+        "load_global (copy weights in)": lambda: load_global(model, initial),
+        "restart (zero optimizer state)": lambda: restart(shared),
+        "DataLoader + first batch": lambda: next(iter(client_loader(
+            federation.encoded["train"], federation.parts[client], federation.collate, cfg.client, 0, where))),
+        "shared() (state_dict)": lambda: federation.shared(),
         "accumulate": lambda: aggregate.accumulate(total, local, 1.0),
         "update sketch": lambda: divergence.update_sketch(local, initial, federation.signs),
         "bare step (warm optimizer)": lambda: bare.step(batch, warm),
@@ -411,6 +410,10 @@ def main() -> None:
               f"share of the K={k_max} round if paid by each of its {k_max} clients:")
         for piece, value in ms.items():
             print(f"  {piece:32s} {value:8.1f} ms  {k_max * value / round_ms:6.1%}")
+        resets = sum(ms[p] for p in ("load_global (copy weights in)", "restart (zero optimizer state)", "accumulate"))
+        print(f"  FedAvg's own per-client work (load_global + restart + accumulate): {resets:.1f} ms = "
+              f"{resets / ms['bare step (warm optimizer)']:.1%} of a bare step; the sketch adds "
+              f"{ms['update sketch'] / ms['bare step (warm optimizer)']:.1%}")
     if args.tracking:
         logging_s, round_s, count = tracking_share(args, name, k_max)
         print(f"MLflow (SQLite store) at K={k_max}: MlflowCallback.after_round {logging_s * 1e3:.0f} ms per round, "
