@@ -203,7 +203,6 @@ def timed(run, device) -> tuple[float, float, float]:
 def breakdown(federation, initial, bare: Bare, repeats: int) -> dict[str, float]:
     """Median milliseconds per client of each set-up and bookkeeping piece that the bare loop pays once per epoch
     or never, each measured alone, against one bare training step and one whole client (all its steps)."""
-    import torch
 
     from training import aggregate, divergence
     from training.client import client_loader, load_global, make_optimizer, restart, train_client

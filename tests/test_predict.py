@@ -21,8 +21,8 @@ class CountingPads:
 
 @pytest.fixture(scope="module")
 def federation():
-    from training import config
     from tests.conftest import TINY
+    from training import config
 
     return build(config.load(None, [*TINY, "model.max_length=64"]))
 
