@@ -102,7 +102,7 @@ def test_a_nan_loss_names_the_client_and_its_first_bad_step_after_the_client_has
 
     handle = federation.model.classifier.register_forward_hook(nan_from_the_third_step)
     try:
-        with pytest.raises(NonFiniteLoss, match=r"^client 1: loss is nan at local step 3$"):
+        with pytest.raises(NonFiniteLoss, match=r"^round 1, client 1: loss is nan at local step 3$"):
             InProcess.run_cohort(federation, federation.global_state(), [1], 1)
     finally:
         handle.remove()
