@@ -46,7 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from speed import MINILM, machine, peaks, reset_peaks, sync  # noqa: E402  (this folder is sys.path[0])
+from speed import MINILM, machine, peaks, reset_peaks, status_mib, sync  # noqa: E402  (this folder is sys.path[0])
 
 LORA = {"peft.method": "lora", "peft.r": 8, "peft.alpha": 16}
 ARMS = {
@@ -132,10 +132,6 @@ def overrides(part: Part, arm: str, model: str, model_type: str, args) -> list[s
     return [f"{key}={value}" for key, value in values.items()]
 
 
-def vm_rss_mib(field: str) -> float:
-    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field)) / 1024
-
-
 def child(settings: list[str]) -> dict:
     """Build the federation from ``settings``, run its rounds, and measure both."""
     import numpy as np
@@ -147,7 +143,7 @@ def child(settings: list[str]) -> dict:
     federation = build(config.load(None, settings))
     build_seconds = time.perf_counter() - tic
     device, model = federation.where.device, federation.model
-    build_peak, resident = vm_rss_mib("VmHWM"), vm_rss_mib("VmRSS")
+    build_peak, resident = status_mib("VmHWM"), status_mib("VmRSS")
     reset_peaks(device)
     history, _ = rounds.run(federation)
     sync(device)

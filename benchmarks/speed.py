@@ -39,21 +39,39 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # de
 
 
 # ---- memory ------------------------------------------------------------------------------------------------------
+RSS_RESETS = True  # False where the kernel refuses /proc/self/clear_refs (gVisor): peaks are then since start-up
+
+
 def reset_peaks(device) -> None:
+    global RSS_RESETS
     import torch
 
-    with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM, the peak resident set size
-        f.write("5")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM, the peak resident set size
+            f.write("5")
+    except OSError:
+        RSS_RESETS = False
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+
+
+def status_mib(field: str) -> float:
+    """A memory field of /proc/self/status (VmHWM, VmRSS) in MiB; for VmHWM, getrusage's peak where it is missing."""
+    import resource
+
+    for line in open("/proc/self/status"):
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    if field == "VmHWM":
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return float("nan")
 
 
 def peaks(device) -> tuple[float, float]:
     """(peak RSS MiB since reset_peaks, peak CUDA MiB allocated or 0)."""
     import torch
 
-    rss = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) / 1024
-    return rss, (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0)
+    return status_mib("VmHWM"), (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0)
 
 
 def sync(device) -> None:
@@ -398,6 +416,8 @@ def main() -> None:
               f"compiling), {seconds - statistics.median(s for s, _, _ in results[label]):.2f} s over a compiled one")
     if peak:
         print(f"  MFU = 6 x parameters x non-pad tokens per text x samples/s / {peak:.0f} TFLOP/s (dense bf16 peak)")
+    if not RSS_RESETS:
+        print("  (this kernel refuses /proc/self/clear_refs: each peak RSS is the process's since it started)")
     k_max = max(ks)
     if k_max != min(ks):
         low, high = (max(r for _, r, _ in results[f"fedtune K={k}"]) for k in (min(ks), k_max))
