@@ -7,7 +7,7 @@ inputs=${INPUTS:-benchmarks/results/gpu-inputs}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # the whole output also goes to a file: the device tool returns only the last 12,000 characters, and files in $OUT
 exec > >(tee "${OUT:-/tmp}/$(basename "$0" .sh).log") 2>&1
-if [ -d "$inputs/wheels" ]; then
+if [ -d "$inputs/wheels" ] && ! "$python" -c "import mlflow" 2>/dev/null; then  # only where MLflow is missing
   "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     "$inputs"/wheels/*.whl
   export PYTHONPATH=$PWD:/tmp/site
