@@ -29,17 +29,9 @@ steps=${STEPS:-speed compile big workers auto}
 model=${1:-$minilm}; data=${2:-$tweets}
 if [ -f "$model/config.json" ] && ! ls "$model"/*.safetensors "$model"/*.bin >/dev/null 2>&1; then
   # a folder with a config and a tokenizer but no weights: the same architecture with random weights
-  folder=$(mktemp -d /tmp/fedtune-model-XXXX)
-  "$python" - "$model" "$folder" <<'EOF'
-import shutil, sys
-from pathlib import Path
-from transformers import AutoConfig, AutoModel
-source, target = map(Path, sys.argv[1:])
-AutoModel.from_config(AutoConfig.from_pretrained(source)).save_pretrained(target)  # the encoder, as MiniLM ships
-for f in source.iterdir():
-    if f.name != "config.json":
-        shutil.copy(f, target / f.name)
-EOF
+  folder=$("$python" -c "import sys; sys.path.insert(0, 'benchmarks'); from speed import random_weights_model
+from transformers import AutoConfig
+print(random_weights_model(AutoConfig.from_pretrained(sys.argv[1]), sys.argv[1], 'fedtune-model-'))" "$model" | tail -1)
   echo "model: $model's architecture and tokenizer, random weights ($folder)"
   model=$folder
 fi

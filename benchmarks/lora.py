@@ -40,13 +40,12 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from speed import MINILM, machine, peaks, reset_peaks, status_mib, sync  # noqa: E402  (this folder is sys.path[0])
+from speed import MINILM, machine, peaks, random_weights_model, reset_peaks, status_mib, sync  # noqa: E402
 
 LORA = {"peft.method": "lora", "peft.r": 8, "peft.alpha": 16}
 ARMS = {
@@ -92,20 +91,12 @@ TINY_SAMPLES = {"minilm": 64, "bert-large": 16, "llama-1b": 64}
 
 # ---- the models ---------------------------------------------------------------------------------------------------
 def saved_model(shape: dict, tokenizer: str) -> str:
-    """A folder holding a headless model of ``shape`` with random weights and ``tokenizer``'s files: what
-    save_pretrained writes, so fedtune loads it as any local model (and adds a new classification head)."""
-    from transformers import AutoConfig, AutoModel
-
-    from training.models import resolve
+    """A folder holding a headless model of ``shape`` with random weights and ``tokenizer``'s files."""
+    from transformers import AutoConfig
 
     shape = dict(shape)
     config = AutoConfig.for_model(shape.pop("model_type"), vocab_size=30522, **shape)  # the MiniLM tokenizer's
-    folder = Path(tempfile.mkdtemp(prefix=f"fedtune-lora-{config.model_type}-"))
-    AutoModel.from_config(config).save_pretrained(folder)
-    for f in Path(resolve(tokenizer)).iterdir():
-        if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
-            shutil.copy(f, folder / f.name)
-    return str(folder)
+    return random_weights_model(config, tokenizer, f"fedtune-lora-{config.model_type}-")
 
 
 def model_for(part: str, args) -> str:

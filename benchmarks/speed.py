@@ -89,15 +89,22 @@ def model_name(args) -> str:
         return MINILM
     if args.model != "bert-base":
         return args.model
-    from transformers import BertConfig, BertModel
+    from transformers import BertConfig
+
+    return random_weights_model(BertConfig(), args.tokenizer, "fedtune-bert-base-")
+
+
+def random_weights_model(config, tokenizer: str, prefix: str) -> str:
+    """A temporary folder holding the encoder of ``config`` with random weights and ``tokenizer``'s files, as
+    save_pretrained writes a pretrained checkpoint: fedtune loads it as any local model and adds a head for the data's
+    label count (a saved 2-label head would be refused for the 3-class tweets)."""
+    from transformers import AutoModel
 
     from training.models import resolve
 
-    folder = Path(tempfile.mkdtemp(prefix="fedtune-bert-base-"))
-    # the encoder alone, as a pretrained checkpoint ships: fedtune adds a head for the data's label count (a saved
-    # 2-label head would be refused for the 3-class tweets)
-    BertModel(BertConfig()).save_pretrained(folder)
-    for f in Path(resolve(args.tokenizer)).iterdir():
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    AutoModel.from_config(config).save_pretrained(folder)
+    for f in Path(resolve(tokenizer)).iterdir():
         if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
             shutil.copy(f, folder / f.name)
     return str(folder)
