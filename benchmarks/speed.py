@@ -227,9 +227,10 @@ def timed(run, device) -> tuple[float, float, float]:
 
 
 # ---- the breakdown of a client's cost -------------------------------------------------------------------------------
-def breakdown(federation, initial, bare: Bare, repeats: int) -> dict[str, float]:
-    """Median milliseconds per client of each set-up and bookkeeping piece that the bare loop pays once per epoch
-    or never, each measured alone, against one bare training step and one whole client (all its steps)."""
+def breakdown(federation, initial, bare: Bare, repeats: int) -> dict[str, tuple[float, int]]:
+    """(Median milliseconds, operators dispatched) per client of each set-up and bookkeeping piece that the bare
+    loop pays once per epoch or never, each measured alone, against one bare training step and one whole client
+    (all its steps)."""
 
     from training import aggregate, divergence
     from training.client import client_loader, load_global, make_optimizer, restart, train_client
@@ -259,6 +260,7 @@ def breakdown(federation, initial, bare: Bare, repeats: int) -> dict[str, float]
         "train_client, fresh optimizer": lambda: train(None),
         "train_client, restarted one": lambda: train(shared),
     }
+    launches = {name: operators(fn) for name, fn in parts.items()}
     times = {name: [] for name in parts}
     for _ in range(repeats):
         for name, fn in parts.items():
@@ -267,7 +269,26 @@ def breakdown(federation, initial, bare: Bare, repeats: int) -> dict[str, float]
             fn()
             sync(where.device)
             times[name].append((time.perf_counter() - tic) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: (statistics.median(t), launches[name]) for name, t in times.items()}
+
+
+def operators(fn) -> int:
+    """How many operators ``fn`` dispatches, views left out: on a GPU each is a kernel launch (or more), and the
+    few microseconds of each launch are what a small client pays there beyond its training."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    with Count() as counter:
+        fn()
+    return counter.count
 
 
 # ---- MLflow's share -----------------------------------------------------------------------------------------------
@@ -435,9 +456,11 @@ def main() -> None:
         ms = breakdown(federation, init, bare, max(5, args.repeats))
         round_ms = statistics.median(s for s, _, _ in results[f"fedtune K={k_max}"]) * 1e3
         print(f"per-client pieces at K={k_max} ({samples // k_max} texts per client), median ms, measured alone; "
-              f"share of the K={k_max} round if paid by each of its {k_max} clients:")
-        for piece, value in ms.items():
-            print(f"  {piece:32s} {value:8.1f} ms  {k_max * value / round_ms:6.1%}")
+              f"share of the K={k_max} round if paid by each of its {k_max} clients; operators dispatched (views "
+              f"left out: on a GPU, kernel launches):")
+        for piece, (value, launches) in ms.items():
+            print(f"  {piece:32s} {value:8.1f} ms  {k_max * value / round_ms:6.1%}  {launches:6,} ops")
+        ms = {piece: value for piece, (value, _) in ms.items()}
         resets = sum(ms[p] for p in ("load_global (copy weights in)", "restart (zero optimizer state)", "accumulate"))
         print(f"  FedAvg's own per-client work (load_global + restart + accumulate): {resets:.1f} ms = "
               f"{resets / ms['bare step (warm optimizer)']:.1%} of a bare step; the sketch adds "

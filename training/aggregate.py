@@ -16,8 +16,9 @@ def accumulate(total: State | None, state: State, weight: float) -> State:
     """``total + weight * state`` over the float entries; updates ``total`` in place (None starts a new sum)."""
     if total is None:
         return {k: v.detach().float() * weight for k, v in state.items() if v.is_floating_point()}
-    for key, acc in total.items():
-        acc.add_(state[key].detach().to(acc.dtype), alpha=weight)
+    # one multi-tensor add: a GPU launches one kernel for the whole model, not one per tensor
+    keys = list(total)
+    torch._foreach_add_([total[k] for k in keys], [state[k].detach().to(total[k].dtype) for k in keys], alpha=weight)
     return total
 
 

@@ -96,8 +96,10 @@ def add_train(parser: argparse.ArgumentParser) -> None:
 
 def workers_option(value: str) -> int | str:
     """``--workers``: a count of processes, or auto (``training.worker_count`` measures and chooses)."""
-    if value == "auto" or (value.isdigit() and int(value) >= 1):
-        return value if value == "auto" else int(value)
+    if value == "auto":
+        return value
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
     raise argparse.ArgumentTypeError(f"{value!r} is not a number of processes: give a count such as 2, or auto to "
                                      f"measure and choose")
 

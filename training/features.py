@@ -27,7 +27,8 @@ class Encoded(Dataset):
 
     @functools.cached_property
     def lengths(self) -> np.ndarray:
-        """Tokens per text (length-bucketed batches group by it), counted once per process."""
+        """Tokens per text (length-bucketed batches group by it), counted once per split: ``encode_task`` keeps
+        each split's ``Encoded`` for the process's life."""
         return np.array([len(ids) for ids in self.input_ids])
 
 
