@@ -6,18 +6,20 @@
 #      and, for MiniLM at K=8, length-bucketed batches (client.batching) and torch.compile (runtime.compile);
 #   2. benchmarks/workers.py: 1, 2 and 4 worker processes sharing the GPU (K=8, 9,600 tweets, batch 32);
 #   3. `fedtune train --workers auto` against `--workers 1` (same study, 2 rounds): the probe's table and time, the
-#      count it chose, and each run's wall time and last-round time.
+#      count it chose, and each run's wall time and last-round time;
+#   4. benchmarks/sketch.py: the update sketch as kept (~290 operators per client) against a candidate of ~20
+#      (one multi-tensor subtract, all slices at once), each one's time and launches on the GPU.
 #
 # On the lent machine: `bash benchmarks/gpu_inputs.sh` here first, then two calls back to back (the whole script may
 # outrun one call's 10 minutes; the machine stays warm 30 s between them):
 #   run(command="STEPS='speed compile big' bash benchmarks/gpu.sh", carry=["benchmarks/results/gpu-inputs"])
-#   run(command="STEPS='workers auto' bash benchmarks/gpu.sh", carry=["benchmarks/results/gpu-inputs"])
+#   run(command="STEPS='workers auto sketch' bash benchmarks/gpu.sh", carry=["benchmarks/results/gpu-inputs"])
 # There the default model is MiniLM-L6's architecture and tokenizer with random weights (its 91 MB of weights do not
 # fit in a call; speed does not depend on them), and the default data the tweets, both from that folder.
 #
 #   bash benchmarks/gpu.sh [MODEL] [DATA]     # defaults: MiniLM-L6 and the tweet corpus (shipped, or packed)
 #   DEVICE=cpu SAMPLES=64 BIG=tiny-bert WORKERS_SAMPLES=64 WORKERS="1 2" THREADS=1 bash benchmarks/gpu.sh  # CPU, tiny
-#   STEPS="workers auto" bash benchmarks/gpu.sh   # some steps only (speed compile big workers auto; default all)
+#   STEPS="workers auto" bash benchmarks/gpu.sh   # some steps only (speed compile big workers auto sketch; default all)
 # The whole output also goes to $OUT/gpu.log (else /tmp/gpu.log), so a call that runs out of time keeps what it
 # printed.
 set -euo pipefail
@@ -25,7 +27,7 @@ cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
 device=${DEVICE:-cuda}; samples=${SAMPLES:-4096}; big=${BIG:-bert-base}
 workers_samples=${WORKERS_SAMPLES:-9600}; workers=${WORKERS:-1 2 4}; threads=${THREADS:-4}
-steps=${STEPS:-speed compile big workers auto}
+steps=${STEPS:-speed compile big workers auto sketch}
 model=${1:-$minilm}; data=${2:-$tweets}
 if [ -f "$model/config.json" ] && ! ls "$model"/*.safetensors "$model"/*.bin >/dev/null 2>&1; then
   # a folder with a config and a tokenizer but no weights: the same architecture with random weights
@@ -58,6 +60,10 @@ if wants workers; then
   echo "== workers sharing the $device: MiniLM-L6, K=8, batch 32"
   "$python" benchmarks/workers.py --device "$device" --model "$model" --data "$data" --samples "$workers_samples" \
     --clients 8 --rounds 2 --batch-size 32 --threads "$threads" --workers $workers
+fi
+if wants sketch; then
+  echo "== the update sketch: kept against the GPU candidate, MiniLM-L6"
+  "$python" benchmarks/sketch.py --device "$device" --model "$model" 2> /dev/null
 fi
 wants auto || exit 0
 echo "== fedtune train --workers auto against --workers 1: MiniLM-L6, K=8, batch 32, 2 rounds (auto's wall time \
