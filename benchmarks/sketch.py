@@ -109,7 +109,7 @@ def main() -> None:
         for name, fn in versions.items():
             times[name].append(seconds(lambda: fn(local, global_state, signs_of[name]), device))
     params = stored.numel()
-    print(f"MiniLM-L6, {params / 1e6:.1f}M sketched parameters (padded), device {device}, "
+    print(f"{args.model or 'MiniLM-L6'}, {params / 1e6:.1f}M sketched parameters (padded), device {device}, "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}, {args.calls} calls each")
     kept, _ = divergence.update_sketch(local, global_state, sign)
     for name, fn in versions.items():
