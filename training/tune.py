@@ -116,7 +116,9 @@ def run_trials(study, config: Config, run_one, client, parent: str, out) -> None
 
     while (missing := config.tune.trials - tune_tracking.tally(study).finished) > 0:
         before = config.tune.trials - missing
-        study.optimize(run_one, n_trials=missing, catch=(NonFiniteLoss,), callbacks=[fail_stale, stop, progress])
+        # `stop` last: between its count and this worker's next trial, another worker that counts sees neither,
+        # and both start one (N + 1 trials). Logging the tally to MLflow there made that window tens of ms wide.
+        study.optimize(run_one, n_trials=missing, catch=(NonFiniteLoss,), callbacks=[fail_stale, progress, stop])
         wait_for_running(study, config.tune.heartbeat_seconds, out)
         stalled = tune_tracking.tally(study).finished == before
         if stalled and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
