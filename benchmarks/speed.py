@@ -453,14 +453,14 @@ def main() -> None:
 
     if args.breakdown:
         federation, init = federations[k_max]
-        ms = breakdown(federation, init, bare, max(5, args.repeats))
+        pieces = breakdown(federation, init, bare, max(5, args.repeats))
+        ms = {piece: value for piece, (value, _) in pieces.items()}
         round_ms = statistics.median(s for s, _, _ in results[f"fedtune K={k_max}"]) * 1e3
         print(f"per-client pieces at K={k_max} ({samples // k_max} texts per client), median ms, measured alone; "
               f"share of the K={k_max} round if paid by each of its {k_max} clients; operators dispatched (views "
               f"left out: on a GPU, kernel launches):")
-        for piece, (value, launches) in ms.items():
+        for piece, (value, launches) in pieces.items():
             print(f"  {piece:32s} {value:8.1f} ms  {k_max * value / round_ms:6.1%}  {launches:6,} ops")
-        ms = {piece: value for piece, (value, _) in ms.items()}
         resets = sum(ms[p] for p in ("load_global (copy weights in)", "restart (zero optimizer state)", "accumulate"))
         print(f"  FedAvg's own per-client work (load_global + restart + accumulate): {resets:.1f} ms = "
               f"{resets / ms['bare step (warm optimizer)']:.1%} of a bare step; the sketch adds "
